@@ -1,6 +1,13 @@
-"""Methods behind one interface (`Method`); each registers itself by name on import."""
+"""Methods behind one interface (`Method`). Each module in this package registers its methods by name on import;
+every module here is imported, so adding a method is adding a file (and its `conf/method/*.yaml`)."""
 
-from .base import REGISTRY, Method, MethodContext, get_method_class, register  # noqa: F401
-from . import full_ft  # noqa: F401  (registers full_ft, linear_probe)
+import importlib
+import pkgutil
+
+from .base import REGISTRY, Method, MethodContext, get_method_class, register
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["REGISTRY", "Method", "MethodContext", "get_method_class", "register"]
