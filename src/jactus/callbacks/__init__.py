@@ -1,0 +1,3 @@
+from .compression import CompressionCallback
+
+__all__ = ["CompressionCallback"]

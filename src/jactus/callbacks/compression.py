@@ -1,0 +1,147 @@
+"""Applies any `Method` (JACTUS or a baseline) inside a Lightning run, at the one moment that is right for it.
+
+Lightning's order is: `setup` hooks -> `configure_model` -> the strategy wraps the model (DDP / FSDP) and moves it
+-> checkpoint restore of training state -> `on_fit_start`. The method must run in `setup`: once the strategy has
+wrapped the model, DDP has already registered the dense weights' gradient buckets and FSDP has flattened and sharded
+them, so replacing `nn.Linear`s by factorized layers afterwards would leave the wrapper pointing at parameters that no
+longer exist (and, under FSDP, the full weights needed for calibration would no longer be on any single rank).
+In `setup` the process group already exists, so calibration statistics are all-reduced and every rank builds the
+identical factorization.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from ..core import count_params, warmup_head
+from ..methods.base import Method, MethodContext
+from ..utils.tables import print_rank_table
+
+CHECKPOINT_KEY = "jactus_method"
+
+
+class CompressionCallback(Callback):
+    """Prepare `pl_module.model` with `method` before the strategy wraps it; steer training; checkpoint structure.
+
+    Works with any LightningModule that has a `model` attribute and a `calibration_loss(model, batch)` method,
+    and a datamodule with `calibration_dataloader()` (else the first `calib_batches` training batches are used).
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        head_warmup_steps: int = 0,
+        head_warmup_lr: float = 1e-2,
+        evaluate_before: bool = False,
+        calib_batches: int | None = None,
+    ):
+        if head_warmup_steps < 0:
+            raise ValueError(f"calib.head_warmup_steps={head_warmup_steps}: expected >= 0")
+        self.method = method
+        self.head_warmup_steps = head_warmup_steps
+        self.head_warmup_lr = head_warmup_lr
+        self.evaluate_before = evaluate_before
+        self.calib_batches = calib_batches
+        self.applied = False
+        self.params_original: int | None = None
+        self.params_trainable: int | None = None
+        self.metrics_before: dict[str, dict[str, float]] = {}
+        self.apply_wall_s: float | None = None
+        self.apply_peak_mem_gb: float | None = None
+
+    # ---- before the strategy wraps the model -----------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.applied:
+            return
+        self.params_original = count_params(pl_module.model)
+        if trainer.ckpt_path:
+            self._rebuild_from_checkpoint(trainer.ckpt_path, pl_module)
+        else:
+            self._apply(trainer, pl_module)
+        self.params_trainable = count_params(pl_module.model, trainable_only=True)
+        self.applied = True
+        summary = self.method.summary()
+        if trainer.is_global_zero and summary.get("rank_map"):
+            print_rank_table(summary["rank_map"], pl_module.model)
+
+    def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        device = trainer.strategy.root_device
+        pl_module.model.to(device)
+        calibration = _move(self._calibration_batches(trainer), device, trainer.global_rank, trainer.world_size)
+        if self.head_warmup_steps and pl_module.head_names:
+            heads = [p for name in pl_module.head_names for p in pl_module.model.get_submodule(name).parameters()]
+            warmup_head(pl_module.model, heads, calibration, pl_module.calibration_loss, self.head_warmup_steps,
+                        lr=self.head_warmup_lr)
+        test_loader = trainer.datamodule.test_dataloader() if self.evaluate_before else None
+        if test_loader is not None:
+            self.metrics_before["dense"] = pl_module.evaluate(test_loader, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        ctx = MethodContext(
+            model=pl_module.model,
+            loss_fn=pl_module.calibration_loss,
+            calibration_batches=calibration,
+            head_names=pl_module.head_names,
+            family=pl_module.family,
+            device=device,
+        )
+        pl_module.model = self.method.apply(ctx).to(device)
+        self.apply_wall_s = time.perf_counter() - start
+        if device.type == "cuda":
+            self.apply_peak_mem_gb = torch.cuda.max_memory_allocated(device) / 2**30
+        if test_loader is not None and self.method.compresses:
+            self.metrics_before["method"] = pl_module.evaluate(test_loader, device)
+
+    def _calibration_batches(self, trainer: L.Trainer) -> Iterable:
+        datamodule = trainer.datamodule
+        if hasattr(datamodule, "calibration_dataloader"):
+            return datamodule.calibration_dataloader()
+        if self.calib_batches is None:
+            raise ValueError("the datamodule has no calibration_dataloader(); set calib_batches to use training batches")
+        batches = []
+        for index, batch in enumerate(datamodule.train_dataloader()):
+            if index >= self.calib_batches:
+                break
+            batches.append(batch)
+        return batches
+
+    def _rebuild_from_checkpoint(self, ckpt_path: str, pl_module: L.LightningModule) -> None:
+        """Resume: rebuild the trained structure from the checkpoint (no calibration); Lightning loads weights next."""
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None:
+            raise ValueError(f"checkpoint {ckpt_path} was not written by a jactus run (no {CHECKPOINT_KEY!r} entry)")
+        if saved["name"] != self.method.name:
+            raise ValueError(f"checkpoint {ckpt_path} was trained with method {saved['name']!r}, "
+                             f"but this run's method is {self.method.name!r}")
+        if saved["structure"] is not None:
+            pl_module.model = self.method.rebuild(pl_module.model, saved["structure"])
+
+    # ---- during training -------------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.method.on_train_batch_start(pl_module.model, trainer.global_step, int(trainer.estimated_stepping_batches))
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        penalty = self.method.penalty(pl_module.model)
+        if penalty is not None:
+            penalty.backward()
+            pl_module.log("train/penalty", penalty.detach(), batch_size=1)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"name": self.method.name, "structure": self.method.structure()}
+
+
+def _move(batches: Iterable, device: torch.device, rank: int, world_size: int) -> list:
+    """Materialise this rank's share of the (small) calibration set on the device.
+
+    Under DDP every rank sees a different shard; calibrate all-reduces the sums, so the statistics equal those of
+    the whole set and every rank builds the same factorization."""
+    from ..lit.base import _to_device
+
+    return [_to_device(batch, device) for index, batch in enumerate(batches) if index % world_size == rank]

@@ -1,0 +1,156 @@
+"""The LightningModule shared by every task: optimisation, evaluation outside the trainer, metric naming."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+
+
+class TaskModule(L.LightningModule):
+    """Wraps a backbone `self.model`; subclasses define the loss and how a batch is scored.
+
+    `self.model` is the attribute methods replace (factorize, add adapters); the optimiser is built in
+    `configure_optimizers` from whatever is trainable then, so a method applied before fit is honoured.
+    """
+
+    family: str = ""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        head_names: Sequence[str] = (),
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.05,
+        min_lr_ratio: float = 0.0,
+    ):
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"optim.lr={lr}: expected a positive learning rate")
+        if not 0 <= warmup_ratio < 1:
+            raise ValueError(f"optim.warmup_ratio={warmup_ratio}: expected a value in [0, 1)")
+        self.model = model
+        self.head_names = list(head_names)
+        self.lr, self.weight_decay = lr, weight_decay
+        self.warmup_ratio, self.min_lr_ratio = warmup_ratio, min_lr_ratio
+
+    # ---- what subclasses provide -------------------------------------------------------------------------
+    def calibration_loss(self, model: nn.Module, batch) -> torch.Tensor:
+        """The task loss of `model` on a training batch (used by training and by calibration)."""
+        raise NotImplementedError
+
+    def score_batch(self, batch) -> dict[str, torch.Tensor]:
+        """Per-example correctness: {"correct": bool [B], "task_idx": long [B]}."""
+        raise NotImplementedError
+
+    @property
+    def task_names(self) -> list[str]:
+        return []
+
+    # ---- training --------------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        loss = self.calibration_loss(self.model, batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=self._batch_size(batch))
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("no trainable parameters: the method froze everything")
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.warmup_ratio * total)
+        floor = self.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- evaluation ------------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self):
+        self._counts = self._new_counts()
+
+    def on_test_epoch_start(self):
+        self._counts = self._new_counts()
+
+    def validation_step(self, batch, batch_idx):
+        self._accumulate(self._counts, self.score_batch(batch))
+
+    def test_step(self, batch, batch_idx):
+        self._accumulate(self._counts, self.score_batch(batch))
+
+    def on_validation_epoch_end(self):
+        self._log_accuracy("val")
+
+    def on_test_epoch_end(self):
+        self._log_accuracy("test")
+
+    def _log_accuracy(self, stage: str) -> None:
+        counts = self._counts
+        if self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        for key, value in self.accuracy_from_counts(counts, stage).items():
+            self.log(key, value, sync_dist=False, prog_bar=key == f"{stage}/acc")
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable, device: torch.device | str | None = None, stage: str = "test") -> dict:
+        """Accuracy of the current model over `batches` outside any trainer (before/after-compression figures)."""
+        device = torch.device(device) if device is not None else next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        counts = self._new_counts(device)
+        for batch in batches:
+            self._accumulate(counts, self.score_batch(_to_device(batch, device)))
+        self.model.train(was_training)
+        return self.accuracy_from_counts(counts, stage)
+
+    def _new_counts(self, device=None) -> torch.Tensor:
+        """Row t: [correct, total] for task t (one row for single-task data)."""
+        return torch.zeros(max(1, len(self.task_names)), 2, dtype=torch.float64, device=device or self.device)
+
+    @staticmethod
+    def _accumulate(counts: torch.Tensor, scored: dict[str, torch.Tensor]) -> None:
+        task = scored["task_idx"].to(counts.device)
+        counts[:, 0].index_add_(0, task, scored["correct"].to(counts.dtype).to(counts.device))
+        counts[:, 1].index_add_(0, task, torch.ones_like(task, dtype=counts.dtype))
+
+    def accuracy_from_counts(self, counts: torch.Tensor, stage: str) -> dict[str, float]:
+        """`<stage>/acc` is the mean over tasks (the paper's "Avg."); `<stage>/acc_<task>` each task's."""
+        counts = counts.detach().cpu()
+        seen = counts[:, 1] > 0
+        per_task = (counts[:, 0] / counts[:, 1].clamp_min(1)).tolist()
+        out: dict[str, float] = {}
+        if len(self.task_names) > 1:
+            for name, acc, has in zip(self.task_names, per_task, seen.tolist()):
+                if has:
+                    out[f"{stage}/acc_{name}"] = 100.0 * acc
+        if seen.any():
+            out[f"{stage}/acc"] = 100.0 * float(torch.tensor(per_task)[seen].mean())
+        return out
+
+    @staticmethod
+    def _batch_size(batch) -> int:
+        first = batch["input_ids"] if isinstance(batch, dict) else batch[0]
+        return int(first.shape[0])
+
+
+def _to_device(batch, device):
+    if isinstance(batch, dict):
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(v.to(device) if torch.is_tensor(v) else v for v in batch)
+    return batch.to(device)

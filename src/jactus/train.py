@@ -1,0 +1,127 @@
+"""jactus-train: fine-tune (and, for compressing methods, compress first) a backbone on a task.
+
+    jactus-train model=dinov2_small data=fashion_mnist method=jactus budget.ratio=0.8
+    jactus-train -m method=full_ft,lora,jactus model=vit_tiny_test data=synthetic_vision trainer.fast_dev_run=true
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .callbacks import CompressionCallback
+from .core import count_params, save_compact
+from .summary import git_sha, write_summary
+from .utils.run import build_run, flat_config, method_label, task_wrapper
+from .utils.tables import print_results_table
+
+log = logging.getLogger("jactus")
+
+
+@task_wrapper
+def train(cfg: DictConfig) -> dict:
+    start = time.perf_counter()
+    run_dir = Path(cfg.paths.output_dir)
+    label = method_label(cfg)
+    summary = {
+        "method": label, "model": cfg.model.name, "data": cfg.data.name, "budget": None, "seed": int(cfg.seed),
+        "params_original": None, "params_deployed": None, "params_trainable": None, "params_ratio": None,
+        "metrics": {}, "wall_s": None, "git_sha": git_sha(), "status": "failed",
+        "experiment": cfg.get("experiment_name"), "run_dir": str(run_dir),
+    }
+    try:
+        return _train(cfg, run_dir, summary, start)
+    except BaseException as err:
+        summary["error"] = f"{type(err).__name__}: {err}"
+        summary["wall_s"] = time.perf_counter() - start
+        write_summary(run_dir, summary)
+        raise
+
+
+def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
+    L.seed_everything(cfg.seed, workers=True)
+    method = instantiate(cfg.method, _convert_="all")  # bad method options fail here, before any loading
+    run = build_run(cfg)
+    compression = CompressionCallback(
+        method,
+        head_warmup_steps=cfg.calib.head_warmup_steps,
+        head_warmup_lr=cfg.calib.head_warmup_lr,
+        evaluate_before=cfg.evaluate_before,
+    )
+    callbacks = [compression] + [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(flat_config(cfg))
+
+    trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics: dict[str, float] = {}
+    if cfg.test:
+        results = trainer.test(run.module, datamodule=run.datamodule, verbose=False)
+        metrics = {k: float(v) for k, v in (results[0] if results else {}).items() if k.startswith("test/")}
+
+    deployed = method.export(run.module.model)
+    summary.update(
+        budget=method.budget,
+        params_original=compression.params_original,
+        params_trainable=compression.params_trainable,
+        params_deployed=count_params(deployed),
+        metrics=metrics,
+        metrics_before=compression.metrics_before,
+        compress_wall_s=compression.apply_wall_s,
+        compress_peak_mem_gb=compression.apply_peak_mem_gb,
+        status="ok",
+    )
+    summary["params_ratio"] = summary["params_deployed"] / summary["params_original"]
+    summary.update(method.summary())
+    summary["wall_s"] = time.perf_counter() - start
+    if trainer.is_global_zero:
+        if cfg.save_compact:
+            save_compact(deployed, run_dir / "compact")
+        write_summary(run_dir, summary)
+        _log_to_loggers(trainer, summary)
+        _print_before_after(summary)
+    return summary
+
+
+def _log_to_loggers(trainer: L.Trainer, summary: dict) -> None:
+    numbers = {f"params/{k[len('params_'):]}": v for k, v in summary.items() if k.startswith("params_") and v is not None}
+    for logger in trainer.loggers:
+        logger.log_metrics(numbers)
+        if summary.get("rank_map") and hasattr(logger, "log_table"):
+            rows = [[name, -1 if rank is None else rank] for name, rank in summary["rank_map"].items()]
+            logger.log_table(key="rank_map", columns=["layer", "rank (-1 = dense)"], data=rows)
+
+
+def _print_before_after(summary: dict) -> None:
+    rows, params = [], {}
+    before = summary.get("metrics_before") or {}
+    original, deployed = summary["params_original"], summary["params_deployed"]
+    if "dense" in before:
+        rows.append(("dense, before fine-tuning", before["dense"]))
+        params[rows[-1][0]] = f"{original / 1e6:.2f}M (100%)"
+    if "method" in before:
+        rows.append((f"{summary['method']}, before fine-tuning", before["method"]))
+        params[rows[-1][0]] = f"{deployed / 1e6:.2f}M ({100 * summary['params_ratio']:.1f}%)"
+    if summary["metrics"]:
+        rows.append((f"{summary['method']}, after fine-tuning", summary["metrics"]))
+        params[rows[-1][0]] = f"{deployed / 1e6:.2f}M ({100 * summary['params_ratio']:.1f}%)"
+    if rows:
+        print_results_table(f"{summary['model']} on {summary['data']}: accuracy (%)", rows, params)
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
+    summary = train(cfg)
+    return summary["metrics"].get("test/acc")
+
+
+if __name__ == "__main__":
+    main()

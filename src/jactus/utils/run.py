@@ -1,0 +1,97 @@
+"""Building a run from a composed config, shared by jactus-train, jactus-compress and jactus-eval."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("jactus")
+
+FAMILIES = {"vision": "vision", "causal_lm": "qa"}  # model family -> the data family it reads
+
+
+@dataclass
+class Run:
+    loaded: object  # jactus.models.LoadedModel
+    datamodule: object
+    module: object  # jactus.lit.TaskModule
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail before any heavy work when the model and data do not fit together."""
+    model_family, data_family = cfg.model.get("family"), cfg.data.get("family")
+    if model_family not in FAMILIES:
+        raise ValueError(f"model.family={model_family!r}: expected one of {sorted(FAMILIES)}")
+    if FAMILIES[model_family] != data_family:
+        valid = "vision data (synthetic_vision, fashion_mnist, mnist5k, cifar10, ...)" if model_family == "vision" \
+            else "QA data (synthetic_qa, boolq, piqa, ..., commonsense8)"
+        raise ValueError(f"model={cfg.model.name} is a {model_family} model but data={cfg.data.name} is {data_family} "
+                         f"data; pick {valid}")
+
+
+def build_run(cfg: DictConfig) -> Run:
+    from ..lit import CausalLMQA, ImageClassifier
+
+    check_config(cfg)
+    loaded = instantiate(cfg.model.backbone, _convert_="all")
+    if cfg.model.family == "causal_lm":
+        datamodule = instantiate(cfg.data.module, tokenizer=loaded.tokenizer, _convert_="all")
+    else:
+        datamodule = instantiate(cfg.data.module, _convert_="all")
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    if cfg.model.family == "causal_lm":
+        module = CausalLMQA(loaded.model, task_names=datamodule.task_names, head_names=loaded.head_names, **optim)
+    else:
+        module = ImageClassifier(loaded.model, head_names=loaded.head_names, **optim)
+    return Run(loaded, datamodule, module)
+
+
+def method_label(cfg: DictConfig) -> str:
+    """The method's config name (jactus, jactus_rho0, lora, ...): what reports group by."""
+    if cfg.get("method_label"):
+        return str(cfg.method_label)
+    if HydraConfig.initialized():
+        return HydraConfig.get().runtime.choices.get("method", "unknown")
+    return str(cfg.method.get("_target_", "unknown")).rsplit(".", 1)[-1].lower()
+
+
+def flat_config(cfg: DictConfig) -> dict:
+    """The resolved config as flat `a/b/c` keys (what W&B and CSV hyperparameters show)."""
+    out: dict = {}
+
+    def walk(prefix: str, node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}/{key}" if prefix else str(key), value)
+        else:
+            out[prefix] = node
+
+    walk("", OmegaConf.to_container(cfg, resolve=True))
+    return out
+
+
+def task_wrapper(task: Callable) -> Callable:
+    """Always close W&B (so the next job of a multirun starts clean) and log the failure before re-raising."""
+
+    @functools.wraps(task)
+    def wrapped(cfg: DictConfig):
+        try:
+            return task(cfg)
+        except Exception:
+            log.exception("run failed")
+            raise
+        finally:
+            if "wandb" in sys.modules:
+                import wandb
+
+                if wandb.run is not None:
+                    wandb.finish()
+
+    return wrapped
