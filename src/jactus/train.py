@@ -84,6 +84,8 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
     if trainer.is_global_zero:
         if cfg.save_compact:
             save_compact(deployed, run_dir / "compact")
+            if run.loaded.tokenizer is not None:
+                run.loaded.tokenizer.save_pretrained(run_dir / "compact")
         write_summary(run_dir, summary)
         _log_to_loggers(trainer, summary)
         _print_before_after(summary)
