@@ -1,0 +1,26 @@
+"""A test-only callback: each rank writes what it built, right after the method (before DDP wraps) and at the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class DumpPerRank(Callback):
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+
+    def _dump(self, trainer, pl_module, when: str) -> None:
+        method = next(c for c in trainer.callbacks if type(c).__name__ == "CompressionCallback").method
+        cores = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items() if k.endswith(".C")}
+        ranks = dict(method.plan.ranks) if getattr(method, "plan", None) is not None else None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"ranks": ranks, "cores": cores}, self.out_dir / f"{when}_rank{trainer.global_rank}.pt")
+
+    def setup(self, trainer, pl_module, stage):  # runs after CompressionCallback.setup (callbacks run in order)
+        self._dump(trainer, pl_module, "setup")
+
+    def on_train_end(self, trainer, pl_module):
+        self._dump(trainer, pl_module, "end")

@@ -1,0 +1,127 @@
+"""End-to-end runs of jactus-train on tiny configs (CPU): every model family x task family, the JACTUS path,
+multirun, DDP simulated on 2 CPU processes, W&B offline, checkpoint resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from jactus.summary import REQUIRED_KEYS
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "vision": ["model=vit_tiny_test", "data=synthetic_vision"],
+    "qa": ["model=llama_tiny_test", "data=synthetic_qa"],
+}
+FAST = ["trainer=cpu", "trainer.fast_dev_run=true", "logger=none", "callbacks=none", "calib.num_samples=16",
+        "calib.head_warmup_steps=2"]
+
+
+def run_train(compose_cfg, overrides, tmp_path):
+    from jactus.train import train
+
+    cfg = compose_cfg(overrides, output_dir=tmp_path / "run")
+    summary = train(cfg)
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    return summary, on_disk
+
+
+@pytest.mark.parametrize("family", ["vision", "qa"])
+@pytest.mark.parametrize("method", ["full_ft", "linear_probe"])
+def test_fast_dev_run_writes_summary(family, method, compose_cfg, tmp_path):
+    _, summary = run_train(compose_cfg, TINY[family] + FAST + [f"method={method}"], tmp_path)
+    assert set(REQUIRED_KEYS) <= set(summary), set(REQUIRED_KEYS) - set(summary)
+    assert summary["status"] == "ok" and summary["method"] == method
+    assert summary["budget"] is None and summary["params_ratio"] == 1.0
+    assert 0 < summary["params_trainable"] <= summary["params_original"]
+    if method == "linear_probe":
+        assert summary["params_trainable"] < summary["params_original"] / 2
+    assert 0.0 <= summary["metrics"]["test/acc"] <= 100.0
+
+
+@pytest.mark.parametrize("family", ["vision", "qa"])
+def test_jactus_run_meets_budget(family, compose_cfg, tmp_path):
+    overrides = TINY[family] + FAST + ["method=jactus", "budget.ratio=0.8", "allocator.rank_multiple=1",
+                                       "save_compact=true"]
+    _, summary = run_train(compose_cfg, overrides, tmp_path)
+    assert summary["budget"] == 0.8
+    assert summary["params_ratio"] <= 0.8
+    assert summary["params_trainable"] < summary["params_deployed"]
+    assert summary["rank_map"] and summary["rank_stats"]["factorized"] > 0
+    assert "dense" in summary["metrics_before"] and "method" in summary["metrics_before"]
+    assert (tmp_path / "run" / "compact" / "rank_map.json").is_file()
+
+
+def test_model_data_mismatch_fails_early(compose_cfg, tmp_path):
+    from jactus.train import train
+
+    cfg = compose_cfg(["model=vit_tiny_test", "data=synthetic_qa"] + FAST, output_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match="vision model but data=synthetic_qa"):
+        train(cfg)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
+
+
+def test_bad_budget_fails_before_loading(compose_cfg, tmp_path):
+    from jactus.train import train
+
+    cfg = compose_cfg(TINY["vision"] + FAST + ["method=jactus", "budget.ratio=1.5"], output_dir=tmp_path / "run")
+    with pytest.raises(Exception, match=r"budget.ratio=1.5"):
+        train(cfg)
+
+
+def test_checkpoint_of_factorized_run_resumes(compose_cfg, tmp_path):
+    base = TINY["vision"] + ["trainer=cpu", "logger=none", "callbacks=none", "calib.num_samples=16",
+                             "method=jactus", "allocator.rank_multiple=1", "evaluate_before=false"]
+    first, _ = run_train(compose_cfg, base + ["trainer.max_steps=2"], tmp_path / "a")
+    ckpts = sorted((tmp_path / "a" / "run").rglob("*.ckpt"))
+    assert ckpts, "the first run wrote no checkpoint"
+    checkpoint = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+    assert checkpoint["jactus_method"]["structure"]["plan"]["ranks"] == first["rank_map"]
+    resumed, _ = run_train(compose_cfg, base + ["trainer.max_steps=4", f"ckpt_path={ckpts[-1]}"], tmp_path / "b")
+    assert resumed["status"] == "ok"
+    assert resumed["rank_map"] == first["rank_map"]
+    assert resumed["params_deployed"] == first["params_deployed"]
+
+
+def _cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(env_extra or {})}
+    result = subprocess.run([sys.executable, "-m", "jactus.train", *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def test_multirun_over_two_methods(tmp_path):
+    _cli(["-m", "method=full_ft,jactus", *TINY["vision"], *FAST, f"paths.log_dir={tmp_path}"], cwd=ROOT)
+    summaries = [json.loads(p.read_text()) for p in tmp_path.rglob("summary.json")]
+    assert sorted(s["method"] for s in summaries) == ["full_ft", "jactus"]
+    assert all(s["status"] == "ok" for s in summaries)
+
+
+def test_ddp_sim_builds_identical_factorization_on_both_ranks(tmp_path):
+    dump = tmp_path / "dump"
+    _cli([*TINY["vision"], "trainer=ddp_sim", "trainer.max_steps=1", "logger=none", "callbacks=none",
+          "calib.num_samples=16", "method=jactus", "allocator.rank_multiple=1", "evaluate_before=false",
+          f"paths.log_dir={tmp_path}", f"+callbacks.dump._target_=dump_callback.DumpPerRank",
+          f"+callbacks.dump.out_dir={dump}"], cwd=ROOT, env_extra={"PYTHONPATH": str(ROOT / "tests" / "helpers")})
+    for when in ("setup", "end"):
+        rank0, rank1 = (torch.load(dump / f"{when}_rank{r}.pt") for r in (0, 1))
+        assert rank0["ranks"] == rank1["ranks"] and rank0["ranks"]
+        assert rank0["cores"].keys() == rank1["cores"].keys() and rank0["cores"]
+        for key in rank0["cores"]:
+            torch.testing.assert_close(rank0["cores"][key], rank1["cores"][key], rtol=0, atol=0)
+
+
+def test_wandb_offline_run_dir_is_written(tmp_path):
+    _cli([*TINY["vision"], "trainer=cpu", "trainer.max_steps=1", "logger=wandb", "callbacks=none",
+          "method=full_ft", "evaluate_before=false", f"paths.log_dir={tmp_path}"], cwd=ROOT,
+         env_extra={"WANDB_MODE": "offline"})
+    runs = list(tmp_path.rglob("offline-run-*"))
+    assert runs, "no W&B offline run directory was written"
+    assert any(p.name.endswith(".wandb") for p in runs[0].rglob("*"))
