@@ -36,11 +36,11 @@ def evaluate(cfg: DictConfig) -> dict:
             else instantiate(cfg.model.backbone).tokenizer
         datamodule = instantiate(cfg.data.module, tokenizer=tokenizer, _convert_="all")
         datamodule.setup("test")
-        module = CausalLMQA(model, task_names=datamodule.task_names, **OmegaConf.to_container(cfg.optim))
+        module = CausalLMQA(model, task_names=datamodule.task_names, lr=cfg.optim.lr)
     else:
         datamodule = instantiate(cfg.data.module, _convert_="all")
         datamodule.setup("test")
-        module = ImageClassifier(model, **OmegaConf.to_container(cfg.optim))
+        module = ImageClassifier(model, lr=cfg.optim.lr)
     metrics = module.evaluate(datamodule.test_dataloader(), device)
     result = {"compact_dir": str(compact_dir), "data": cfg.data.name, "params": count_params(model), "metrics": metrics}
     out = Path(cfg.paths.output_dir) / "eval.json"

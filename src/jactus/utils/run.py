@@ -46,6 +46,7 @@ def build_run(cfg: DictConfig) -> Run:
     else:
         datamodule = instantiate(cfg.data.module, _convert_="all")
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    optim["lr"] = (optim.pop("lr_by_method", None) or {}).get(method_label(cfg), optim["lr"])
     if cfg.model.family == "causal_lm":
         module = CausalLMQA(loaded.model, task_names=datamodule.task_names, head_names=loaded.head_names, **optim)
     else:
