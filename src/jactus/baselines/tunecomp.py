@@ -14,10 +14,10 @@ import math
 from collections.abc import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.params import linear_cost
+from ..core.subspace import Metric, whitened_weight
 
 
 def teacher_weight(step: int, max_steps: int) -> float:
@@ -28,29 +28,19 @@ def teacher_weight(step: int, max_steps: int) -> float:
     return max(0.0, 1.0 - math.sin(math.pi * t / (2 * max_steps)))
 
 
-def whitened_low_rank(
-    weight: torch.Tensor, input_cov: torch.Tensor, rank: int, damping: float = 1e-2
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activation-aware rank-`rank` factors `B (m x k)`, `A (k x n)` of `W` minimising ||(W - B A) Sx^{1/2}||_F.
+def whitened_low_rank(weight: torch.Tensor, metric: Metric, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activation-aware rank-`rank` factors `B (m x k)`, `A (k x n)` of `W`, minimising ||(W - B A) Lx||_F.
 
-    The SVD of the whitened weight `W Sx^{1/2} = U S V^T` is truncated and mapped back with `Sx^{-1/2}` (SVD-LLM);
-    the singular values are split evenly (`B = U sqrt(S)`, `A = sqrt(S) V^T Sx^{-1/2}`), so that for each component
-    `||b_j|| * sqrt(a_j^T Sx a_j) = s_j`."""
-    cov = input_cov.to(torch.float64)
-    cov = cov + damping * cov.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny) * torch.eye(
-        cov.shape[0], dtype=cov.dtype, device=cov.device
-    )
-    eigenvalues, eigenvectors = torch.linalg.eigh(cov)
-    if not torch.isfinite(eigenvalues).all() or eigenvalues.min() <= 0:
-        raise ValueError("input covariance is not positive definite after damping; increase calib.damping")
-    root = eigenvalues.sqrt()
-    cov_sqrt = (eigenvectors * root) @ eigenvectors.T
-    cov_inv_sqrt = (eigenvectors / root) @ eigenvectors.T
-    u, s, vh = torch.linalg.svd(weight.to(torch.float64) @ cov_sqrt, full_matrices=False)
-    scale = s[:rank].sqrt()
-    up = u[:, :rank] * scale
-    down = (scale[:, None] * vh[:rank]) @ cov_inv_sqrt
-    return up.to(weight.dtype), down.to(weight.dtype)
+    The SVD of the whitened weight `W Lx = U S V^T` (`Sx = Lx Lx^T`, SVD-LLM) is truncated and mapped back,
+    with the singular values split evenly: `B = U sqrt(S)`, `A = sqrt(S) V^T Lx^{-1}`. Returns `(B, A, s)`; for each
+    component the input energy `a_j^T Sx a_j` is `s_j` and the output energy `||b_j||^2 a_j^T Sx a_j` is `s_j^2`."""
+    left, singular, right_h = torch.linalg.svd(whitened_weight(weight, metric), full_matrices=False)
+    scale = singular[:rank].sqrt()
+    up = left[:, :rank] * scale
+    right = right_h[:rank].T * scale
+    if metric.input_factor is not None:
+        right = torch.linalg.solve_triangular(metric.input_factor.T, right, upper=True)
+    return up.to(weight.dtype), right.T.to(weight.dtype), singular[:rank]
 
 
 class TwoBranchLinear(nn.Module):
@@ -73,11 +63,9 @@ class TwoBranchLinear(nn.Module):
         self.teacher_weight = 1.0
 
     @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, rank: int, input_cov: torch.Tensor | None = None, damping: float = 1e-2
-    ) -> TwoBranchLinear:
-        """The teacher is `linear`; the student starts as its whitened rank-`rank` approximation (zeros without
-        `input_cov`: structure only, for a checkpoint about to be loaded)."""
+    def from_linear(cls, linear: nn.Linear, rank: int, metric: Metric | None = None) -> TwoBranchLinear:
+        """The teacher is `linear`; the student starts as its whitened rank-`rank` approximation under `metric`
+        (zeros without one: structure only, for a checkpoint about to be loaded)."""
         layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None)
         layer.to(device=linear.weight.device, dtype=linear.weight.dtype)
         with torch.no_grad():
@@ -85,16 +73,14 @@ class TwoBranchLinear(nn.Module):
             if linear.bias is not None:
                 layer.teacher.bias.copy_(linear.bias)
                 layer.up.bias.copy_(linear.bias)
-            if input_cov is None:
+            if metric is None:
                 layer.up.weight.zero_()
                 layer.down.weight.zero_()
             else:
-                up, down = whitened_low_rank(linear.weight, input_cov.to(linear.weight.device), rank, damping)
+                up, down, input_energy = whitened_low_rank(linear.weight, metric, rank)
                 layer.up.weight.copy_(up)
                 layer.down.weight.copy_(down)
-                cov = input_cov.to(device=down.device, dtype=torch.float64)
-                down64 = down.to(torch.float64)
-                layer.component_energy.copy_(((down64 @ cov) * down64).sum(dim=1))
+                layer.component_energy.copy_(input_energy)
         return layer
 
     @property
