@@ -1,0 +1,426 @@
+"""jactus-report: turn the `summary.json` files of a sweep into the paper's table, a long CSV and plots.
+
+    jactus-report logs/multiruns/2026-11-02 [more dirs...] --out reports/vit8 --metric test/acc [--wandb]
+
+Writes to `--out` (default: the first sweep dir):
+  report.md           one table per (experiment, model): rows = methods ("jactus@0.8"), a retained-parameter
+                      column, one column per dataset (or per task where runs carry `<metric>_<task>`), the average;
+                      cells "mean ± std" over seeds (sample std; the mean alone for one seed), "—" where no run
+                      exists, "failed" where every run failed; the best mean of each column in bold.
+  results.csv         long format: one row per (run, column), failed runs included with an empty value.
+  acc_vs_params.png   accuracy against retained parameters (%), one panel per column, one line per method.
+  rank_heatmap.png    per-layer ranks of the runs that carry a `rank_map` (grey = kept dense); skipped with a note
+                      in report.md when none does.
+
+The average of a row is taken per seed over the row's columns, over the seeds that have every column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+MISSING, FAILED = "—", "failed"
+AVERAGE = "Avg."
+RATIO = "Params (%)"
+# The paper's column order; columns not listed follow in the order they first appear.
+COLUMN_ORDER = ("oxford_pets", "stanford_cars", "cifar10", "dtd", "eurosat", "fgvc_aircraft", "resisc45", "cifar100",
+                "boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa")
+# Full-size methods first, compressing ones after; within a budget, JACTUS last (as in the paper).
+METHOD_ORDER = ("zero_shot", "linear_probe", "full_ft", "lora", "dora", "pissa", "compress_then_adapt", "tunecomp",
+                "cersa", "jactus")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_summaries(dirs) -> tuple[list[dict], list[str]]:
+    """Every `summary.json` under `dirs` (recursively), each with its path under "_path"; and the unreadable ones."""
+    summaries, unreadable = [], []
+    for directory in _as_paths(dirs):
+        if not directory.is_dir():
+            raise FileNotFoundError(f"sweep dir {directory} does not exist")
+        for path in sorted(directory.rglob("summary.json")):
+            try:
+                summary = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                unreadable.append(f"{path} ({err})")
+                continue
+            summary["_path"] = str(path)
+            summaries.append(summary)
+    return summaries, unreadable
+
+
+def _as_paths(dirs) -> list[Path]:
+    return [Path(dirs)] if isinstance(dirs, (str, Path)) else [Path(d) for d in dirs]
+
+
+def row_label(summary: dict) -> str:
+    """The table row of a run: its method, with "@budget" for methods that compress to a budget."""
+    budget = summary.get("budget")
+    return summary["method"] if budget is None else f"{summary['method']}@{budget:g}"
+
+
+def _status(summary: dict) -> str:
+    return summary.get("status") or "ok"
+
+
+def results_frame(summaries: list[dict], metric: str = "test/acc") -> pd.DataFrame:
+    """Long format: one row per (run, column). Runs with `<metric>_<task>` metrics give one row per task.
+
+    A failed run counts against every column its dataset has in the successful runs of the same model
+    (just the dataset name when no run of it succeeded). `value` is NaN for failed runs and where `metric` is absent.
+    """
+    task_prefix = f"{metric}_"
+    columns_of: dict[tuple, list[str]] = {}  # (model, data) -> columns seen in successful runs
+    for summary in summaries:
+        if _status(summary) == "ok":
+            tasks = [key[len(task_prefix):] for key in summary.get("metrics") or {} if key.startswith(task_prefix)]
+            known = columns_of.setdefault((summary["model"], summary["data"]), [])
+            known += [column for column in (tasks or [summary["data"]]) if column not in known]
+
+    records = []
+    for summary in summaries:
+        status, metrics = _status(summary), summary.get("metrics") or {}
+        base = {
+            "experiment": summary.get("experiment") or "", "model": summary["model"], "method": summary["method"],
+            "budget": summary.get("budget"), "label": row_label(summary), "data": summary["data"],
+            "seed": summary.get("seed"), "status": status, "metric": metric,
+            **{key: summary.get(key) for key in ("params_ratio", "params_original", "params_deployed",
+                                                 "params_trainable", "wall_s", "git_sha")},
+            "path": summary["_path"],
+        }
+        tasks = {key[len(task_prefix):]: value for key, value in metrics.items() if key.startswith(task_prefix)}
+        if status != "ok":
+            cells = {column: math.nan for column in columns_of.get((summary["model"], summary["data"]),
+                                                                    [summary["data"]])}
+        elif tasks:
+            cells = tasks
+        else:
+            cells = {summary["data"]: metrics.get(metric, math.nan)}
+        records += [{**base, "column": column, "value": _number(value)} for column, value in cells.items()]
+    return pd.DataFrame.from_records(records)
+
+
+def _number(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The table
+
+
+@dataclass
+class Cell:
+    """The seeds of one (row, column): the values of successful runs and how many runs failed."""
+
+    values: list[float] = field(default_factory=list)
+    failed: int = 0
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+    def text(self, digits: int = 2) -> str:
+        if not self.values:
+            return FAILED if self.failed else MISSING
+        out = f"{self.mean:.{digits}f}"
+        if self.std is not None:
+            out += f" ± {self.std:.{digits}f}"
+        if self.failed:
+            out += f" ({self.failed} failed)"
+        return out
+
+
+@dataclass
+class ResultTable:
+    """One paper-shaped table: `cells[(row, column)]`, the average column, the retained-parameter ratio per row."""
+
+    title: str
+    rows: list[str]
+    columns: list[str]
+    cells: dict[tuple[str, str], Cell]
+    ratio: dict[str, float | None]  # mean params_ratio of the row's successful runs (fraction)
+    digits: int = 2
+
+    def cell(self, row: str, column: str) -> Cell:
+        return self.cells.get((row, column), Cell())
+
+    def text(self, row: str, column: str) -> str:
+        if column == RATIO:
+            ratio = self.ratio.get(row)
+            return MISSING if ratio is None else f"{100 * ratio:.1f}"
+        return self.cell(row, column).text(self.digits)
+
+    def best(self, column: str) -> set[str]:
+        """Rows whose mean is the highest of `column` as displayed (ties all count)."""
+        means = {row: round(self.cell(row, column).mean, self.digits) for row in self.rows
+                 if self.cell(row, column).mean is not None}
+        top = max(means.values(), default=None)
+        return {row for row, mean in means.items() if mean == top}
+
+    @property
+    def all_columns(self) -> list[str]:
+        return [RATIO, *self.columns, AVERAGE]
+
+    def to_frame(self, bold: bool = False) -> pd.DataFrame:
+        """Display strings: index = rows, columns = ratio, datasets/tasks, average."""
+        data = {}
+        for column in self.all_columns:
+            best = self.best(column) if bold and column != RATIO else set()
+            data[column] = [f"**{self.text(row, column)}**" if row in best else self.text(row, column)
+                            for row in self.rows]
+        return pd.DataFrame(data, index=pd.Index(self.rows, name="Method"))
+
+    def to_markdown(self) -> str:
+        frame = self.to_frame(bold=True)
+        header = ["Method", *frame.columns]
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * len(frame.columns)) + "|"]
+        lines += ["| " + " | ".join([row, *frame.loc[row]]) + " |" for row in frame.index]
+        return "\n".join(lines)
+
+
+def _ordered_columns(frame: pd.DataFrame) -> list[str]:
+    seen = list(dict.fromkeys(frame["column"]))
+    rank = {name: index for index, name in enumerate(COLUMN_ORDER)}
+    return sorted(seen, key=lambda c: (rank.get(c, len(rank)), seen.index(c)))
+
+
+def _row_order(frame: pd.DataFrame) -> list[str]:
+    first = frame.drop_duplicates("label")
+    rank = {name: index for index, name in enumerate(METHOD_ORDER)}
+
+    def key(item):
+        method, budget, label = item
+        compressed = budget is not None and not pd.isna(budget)
+        return (compressed, -budget if compressed else 0.0, rank.get(method, len(rank)), label)
+
+    return [label for _, _, label in sorted(zip(first["method"], first["budget"], first["label"], strict=True),
+                                            key=key)]
+
+
+def build_table(frame: pd.DataFrame, title: str = "", digits: int = 2) -> ResultTable:
+    """The table of one section (one experiment and model) of `results_frame`'s output."""
+    rows, columns = _row_order(frame), _ordered_columns(frame)
+    cells: dict[tuple[str, str], Cell] = {}
+    for (label, column), group in frame.groupby(["label", "column"], sort=False):
+        ok = group[(group["status"] == "ok") & group["value"].notna()]
+        cells[(label, column)] = Cell(values=ok["value"].tolist(), failed=int((group["status"] != "ok").sum()))
+    for label, group in frame.groupby("label", sort=False):
+        ok = group[(group["status"] == "ok") & group["value"].notna()]
+        per_seed = ok.pivot_table(index="seed", columns="column", values="value", aggfunc="mean")
+        complete = per_seed.reindex(columns=columns).dropna()
+        cells[(label, AVERAGE)] = Cell(values=complete.mean(axis=1).tolist())
+    ratio = {}
+    for label in rows:
+        runs = frame[(frame["label"] == label) & (frame["status"] == "ok")].drop_duplicates("path")
+        ratios = runs["params_ratio"].dropna()
+        ratio[label] = float(ratios.mean()) if len(ratios) else None
+    return ResultTable(title, rows, columns, cells, ratio, digits)
+
+
+def build_tables(frame: pd.DataFrame, digits: int = 2) -> list[ResultTable]:
+    """One table per (experiment, model), in the order they first appear."""
+    tables = []
+    sections = list(dict.fromkeys(zip(frame["experiment"], frame["model"], strict=True)))
+    for experiment, model in sections:
+        part = frame[(frame["experiment"] == experiment) & (frame["model"] == model)]
+        title = f"{model} ({experiment})" if experiment else model
+        tables.append(build_table(part, title, digits))
+    return tables
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_acc_vs_params(tables: list[ResultTable], path, metric: str = "test/acc") -> Path:
+    """One panel per (table, column incl. the average): accuracy against retained parameters, a line per method."""
+    plt = _pyplot()
+    panels = [(table, column) for table in tables for column in [*table.columns, AVERAGE]]
+    ncols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows), squeeze=False)
+    for ax, (table, column) in zip(axes.flat, panels, strict=False):
+        series: dict[str, list[tuple[float, float, float]]] = {}
+        for row in table.rows:
+            cell, ratio = table.cell(row, column), table.ratio.get(row)
+            if cell.mean is None or ratio is None:
+                continue
+            series.setdefault(row.split("@")[0], []).append((100 * ratio, cell.mean, cell.std or 0.0))
+        for method, points in series.items():
+            points.sort()
+            xs, ys, errs = zip(*points, strict=True)
+            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=2, label=method)
+        ax.set_title(column if len(tables) == 1 else f"{column} · {table.title}", fontsize=9)
+        ax.set_xlabel("retained parameters (%)", fontsize=8)
+        ax.set_ylabel(metric, fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = {}, []
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in handles:
+                handles[label] = handle
+                labels.append(label)
+    if handles:
+        fig.legend([handles[label] for label in labels], labels, loc="lower center", ncol=min(6, len(labels)),
+                   fontsize=8, bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 1))
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_rank_heatmap(summaries: list[dict], path) -> Path | None:
+    """Rows = runs with a `rank_map`, columns = layers (first-seen order); grey = kept dense. None when no run has one."""
+    runs = [s for s in summaries if s.get("rank_map")]
+    if not runs:
+        return None
+    import numpy as np
+
+    plt = _pyplot()
+    layers = list(dict.fromkeys(name for s in runs for name in s["rank_map"]))
+    grid = np.full((len(runs), len(layers)), np.nan)
+    for i, summary in enumerate(runs):
+        for j, layer in enumerate(layers):
+            rank = summary["rank_map"].get(layer, None)
+            if rank is not None:
+                grid[i, j] = rank
+    labels = [f"{row_label(s)} · {s['data']} · s{s.get('seed')}" for s in runs]
+    fig, ax = plt.subplots(figsize=(min(24, max(6.0, 2.5 + 0.18 * len(layers))), 1.2 + 0.3 * len(runs)))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, interpolation="nearest")
+    ax.set_yticks(range(len(runs)), labels, fontsize=7)
+    step = max(1, len(layers) // 40)  # at most ~40 layer names on the axis
+    ax.set_xticks(range(0, len(layers), step), layers[::step], rotation=90, fontsize=6)
+    ax.set_title("rank per layer (grey = dense)", fontsize=9)
+    fig.colorbar(image, ax=ax, label="rank")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+
+
+@dataclass
+class Report:
+    summaries: list[dict]
+    frame: pd.DataFrame
+    tables: list[ResultTable]
+    files: dict[str, Path]
+
+
+def write_report(dirs, out, metric: str = "test/acc", digits: int = 2) -> Report:
+    """Read the summaries under `dirs` and write report.md, results.csv and the plots to `out`."""
+    summaries, unreadable = load_summaries(dirs)
+    if not summaries:
+        raise FileNotFoundError(f"no summary.json under {', '.join(map(str, _as_paths(dirs)))}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    frame = results_frame(summaries, metric)
+    tables = build_tables(frame, digits)
+    files = {"csv": out / "results.csv", "acc_vs_params": plot_acc_vs_params(tables, out / "acc_vs_params.png", metric)}
+    frame.to_csv(files["csv"], index=False)
+    heatmap = plot_rank_heatmap(summaries, out / "rank_heatmap.png")
+    if heatmap is not None:
+        files["rank_heatmap"] = heatmap
+
+    n_failed = sum(_status(s) != "ok" for s in summaries)
+    lines = [f"# Sweep report: {metric}", "",
+             f"{len(summaries)} runs ({n_failed} failed) from {', '.join(map(str, _as_paths(dirs)))}.",
+             f"Cells: mean ± sample std over seeds (the mean alone for one seed); {MISSING} = no run; "
+             f"{FAILED} = every run failed; best mean per column in bold. {RATIO}: mean params_deployed / "
+             f"params_original. {AVERAGE}: per seed over the row's columns, over the seeds that have every column.", ""]
+    for table in tables:
+        lines += [f"## {table.title}", "", table.to_markdown(), ""]
+    lines += ["## Plots", "", "![accuracy vs retained parameters](acc_vs_params.png)", ""]
+    if heatmap is not None:
+        lines += ["![rank allocation per layer](rank_heatmap.png)", ""]
+    else:
+        lines += ["No run carries a `rank_map`: rank heatmap skipped.", ""]
+    if unreadable:
+        lines += ["## Unreadable summaries", "", *[f"- {item}" for item in unreadable], ""]
+    files["report"] = out / "report.md"
+    files["report"].write_text("\n".join(lines))
+    return Report(summaries, frame, tables, files)
+
+
+def wants_wandb(summaries: list[dict]) -> bool:
+    """True when a run logged to W&B: its run dir (the summary's folder) holds a `wandb/` folder."""
+    return any((Path(s["_path"]).parent / "wandb").is_dir() for s in summaries)
+
+
+def log_to_wandb(report: Report, project: str = "jactus", name: str | None = None) -> None:
+    """Log the tables and plots as one W&B run (job_type=report); WANDB_MODE (offline, disabled) is honoured."""
+    import wandb
+
+    out_dir = report.files["report"].parent
+    run = wandb.init(project=project, name=name, job_type="report", dir=str(out_dir),
+                     mode=os.environ.get("WANDB_MODE", "offline"))
+    try:
+        payload = {}
+        for index, table in enumerate(report.tables):
+            frame = table.to_frame().reset_index()
+            payload[f"report/table_{index}"] = wandb.Table(dataframe=frame)
+        payload["report/results"] = wandb.Table(dataframe=report.frame.astype(str))
+        for key in ("acc_vs_params", "rank_heatmap"):
+            if key in report.files:
+                payload[f"report/{key}"] = wandb.Image(str(report.files[key]))
+        run.log(payload)
+    finally:
+        run.finish()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jactus-report", description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR", help="folders searched for summary.json")
+    parser.add_argument("--out", default=None, help="output folder (default: the first SWEEP_DIR)")
+    parser.add_argument("--metric", default="test/acc", help="metric key in summary['metrics'] (default test/acc)")
+    parser.add_argument("--digits", type=int, default=2, help="decimals in the table")
+    parser.add_argument("--wandb", action="store_true", help="log the table and plots to W&B (WANDB_MODE honoured)")
+    parser.add_argument("--wandb-project", default="jactus")
+    args = parser.parse_args(argv)
+    try:
+        report = write_report(args.sweep_dirs, args.out or args.sweep_dirs[0], args.metric, args.digits)
+    except FileNotFoundError as err:
+        print(f"jactus-report: {err}", file=sys.stderr)
+        return 1
+    for table in report.tables:
+        print(f"\n{table.title}\n{table.to_markdown()}")
+    print("\nwrote " + ", ".join(str(path) for path in report.files.values()))
+    if args.wandb or wants_wandb(report.summaries):
+        log_to_wandb(report, project=args.wandb_project)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""jactus-report on a fabricated sweep with known numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from jactus import report
+
+
+def _write(root, name, *, method, data, seed, acc=None, budget=None, ratio=1.0, status="ok", model="vit",
+           metrics=None, rank_map=None):
+    summary = {
+        "method": method, "model": model, "data": data, "budget": budget, "seed": seed,
+        "params_original": 1000, "params_deployed": None if status != "ok" else int(1000 * ratio),
+        "params_trainable": 10, "params_ratio": None if status != "ok" else ratio,
+        "metrics": metrics if metrics is not None else ({} if acc is None else {"test/acc": acc}),
+        "wall_s": 1.0, "git_sha": "abc", "status": status,
+    }
+    if rank_map is not None:
+        summary["rank_map"] = rank_map
+    path = root / name / "summary.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """lora and jactus@0.8 x seeds 0, 1 x cifar10, dtd; jactus/dtd seed 0 failed, seed 1 missing; lora/eurosat seed 0."""
+    root = tmp_path / "sweep"
+    for seed, (cifar, dtd) in enumerate([(90.0, 70.0), (92.0, 74.0)]):
+        _write(root, f"lora/cifar10/s{seed}", method="lora", data="cifar10", seed=seed, acc=cifar)
+        _write(root, f"lora/dtd/s{seed}", method="lora", data="dtd", seed=seed, acc=dtd)
+    for seed, (acc, ratio) in enumerate([(93.0, 0.79), (95.0, 0.81)]):
+        _write(root, f"jactus/cifar10/s{seed}", method="jactus", data="cifar10", seed=seed, acc=acc, budget=0.8,
+               ratio=ratio, rank_map={"blocks.0.fc1": 16 + 8 * seed, "blocks.0.fc2": None, "blocks.1.fc1": 8})
+    _write(root, "jactus/dtd/s0", method="jactus", data="dtd", seed=0, budget=0.8, status="failed")
+    _write(root, "lora/eurosat/s0", method="lora", data="eurosat", seed=0, acc=98.0)
+    return root
+
+
+def test_table_cells(sweep):
+    summaries, unreadable = report.load_summaries([sweep])
+    assert len(summaries) == 8 and not unreadable
+    (table,) = report.build_tables(report.results_frame(summaries))
+    assert table.rows == ["lora", "jactus@0.8"]  # full-size methods first
+    assert table.columns == ["cifar10", "dtd", "eurosat"]  # the paper's order
+    expected = {
+        "lora": {"Params (%)": "100.0", "cifar10": "91.00 ± 1.41", "dtd": "72.00 ± 2.83", "eurosat": "98.00",
+                 "Avg.": "86.00"},  # only seed 0 has every column: (90 + 70 + 98) / 3
+        "jactus@0.8": {"Params (%)": "80.0", "cifar10": "94.00 ± 1.41", "dtd": "failed", "eurosat": "—",
+                       "Avg.": "—"},
+    }
+    assert table.to_frame().to_dict(orient="index") == expected
+    assert table.best("cifar10") == {"jactus@0.8"} and table.best("dtd") == {"lora"}
+
+
+def test_partly_failed_cell_and_ties():
+    assert report.Cell([80.0], failed=1).text() == "80.00 (1 failed)"
+    assert report.Cell().text() == "—" and report.Cell(failed=2).text() == "failed"
+    assert report.Cell([1.0, 2.0, 3.0]).text(1) == "2.0 ± 1.0"
+
+
+def test_report_files(sweep, tmp_path):
+    out = tmp_path / "out"
+    assert report.main([str(sweep), "--out", str(out)]) == 0
+    markdown = (out / "report.md").read_text()
+    assert "| Method | Params (%) | cifar10 | dtd | eurosat | Avg. |" in markdown
+    assert "| lora | 100.0 | 91.00 ± 1.41 | **72.00 ± 2.83** | **98.00** | **86.00** |" in markdown
+    assert "| jactus@0.8 | 80.0 | **94.00 ± 1.41** | failed | — | — |" in markdown
+    results = pd.read_csv(out / "results.csv")
+    assert len(results) == 8 and set(results["status"]) == {"ok", "failed"}
+    failed = results[results["status"] == "failed"]
+    assert failed["column"].tolist() == ["dtd"] and math.isnan(failed["value"].iloc[0])
+    for name in ("acc_vs_params.png", "rank_heatmap.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG" and (out / name).stat().st_size > 1000
+
+
+def test_per_task_columns_and_no_rank_maps(tmp_path):
+    root = tmp_path / "cs"
+    tasks = {"test/acc": 65.0, "test/acc_piqa": 70.0, "test/acc_boolq": 60.0}
+    _write(root, "a", method="jactus", data="commonsense8", seed=0, budget=0.8, ratio=0.8, model="llama",
+           metrics=tasks)
+    _write(root, "b", method="lora", data="commonsense8", seed=0, model="llama", status="failed")
+    rep = report.write_report(root, tmp_path / "out")
+    (table,) = rep.tables
+    assert table.columns == ["boolq", "piqa"]
+    assert [table.text("jactus@0.8", c) for c in ("boolq", "piqa", "Avg.")] == ["60.00", "70.00", "65.00"]
+    assert [table.text("lora", c) for c in ("boolq", "piqa", "Params (%)")] == ["failed", "failed", "—"]
+    assert "rank_map" in (tmp_path / "out" / "report.md").read_text()
+    assert not (tmp_path / "out" / "rank_heatmap.png").exists()
+
+
+def test_no_summaries_is_an_error(tmp_path, capsys):
+    assert report.main([str(tmp_path)]) == 1
+    assert "no summary.json" in capsys.readouterr().err
+
+
+def test_wandb_offline_logs_table_and_plots(sweep, tmp_path, monkeypatch):
+    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": tmp_path / "cfg",
+                       "WANDB_CACHE_DIR": tmp_path / "cache", "WANDB_DATA_DIR": tmp_path / "data"}.items():
+        monkeypatch.setenv(key, str(value))
+    summaries, _ = report.load_summaries(sweep)
+    assert not report.wants_wandb(summaries)
+    (sweep / "lora" / "dtd" / "s0" / "wandb").mkdir()  # a run that logged to W&B turns the upload on
+    assert report.wants_wandb(report.load_summaries(sweep)[0])
+    out = tmp_path / "out"
+    assert report.main([str(sweep), "--out", str(out)]) == 0
+    media = {path.parent.parent.name + "/" + path.name.split("_0_")[0] for path in (out / "wandb").rglob("media/*/report/*")}
+    assert media == {"images/acc_vs_params", "images/rank_heatmap", "table/table", "table/results"}
