@@ -247,22 +247,20 @@ def build_tables(frame: pd.DataFrame, digits: int = 2) -> list[ResultTable]:
 # Plots
 
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float):
+    """A pyplot-free Figure: rendered by Agg on save, whatever backend (inline, GUI) the session uses."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=(width, height))
 
 
 def plot_acc_vs_params(tables: list[ResultTable], path, metric: str = "test/acc") -> Path:
     """One panel per (table, column incl. the average): accuracy against retained parameters, a line per method."""
-    plt = _pyplot()
     panels = [(table, column) for table in tables for column in [*table.columns, AVERAGE]]
     ncols = min(4, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows), squeeze=False)
+    fig = _figure(3.6 * ncols, 3.0 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax, (table, column) in zip(axes.flat, panels, strict=False):
         series: dict[str, list[tuple[float, float, float]]] = {}
         for row in table.rows:
@@ -292,7 +290,6 @@ def plot_acc_vs_params(tables: list[ResultTable], path, metric: str = "test/acc"
     fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -301,9 +298,9 @@ def plot_rank_heatmap(summaries: list[dict], path) -> Path | None:
     runs = [s for s in summaries if s.get("rank_map")]
     if not runs:
         return None
+    import matplotlib
     import numpy as np
 
-    plt = _pyplot()
     layers = list(dict.fromkeys(name for s in runs for name in s["rank_map"]))
     grid = np.full((len(runs), len(layers)), np.nan)
     for i, summary in enumerate(runs):
@@ -312,8 +309,9 @@ def plot_rank_heatmap(summaries: list[dict], path) -> Path | None:
             if rank is not None:
                 grid[i, j] = rank
     labels = [f"{row_label(s)} · {s['data']} · s{s.get('seed')}" for s in runs]
-    fig, ax = plt.subplots(figsize=(min(24, max(6.0, 2.5 + 0.18 * len(layers))), 1.2 + 0.3 * len(runs)))
-    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
+    fig = _figure(min(24, max(6.0, 2.5 + 0.18 * len(layers))), 1.2 + 0.3 * len(runs))
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, interpolation="nearest")
     ax.set_yticks(range(len(runs)), labels, fontsize=7)
     step = max(1, len(layers) // 40)  # at most ~40 layer names on the axis
@@ -323,7 +321,6 @@ def plot_rank_heatmap(summaries: list[dict], path) -> Path | None:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
