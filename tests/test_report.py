@@ -94,6 +94,15 @@ def test_per_task_columns_and_no_rank_maps(tmp_path):
     assert not (tmp_path / "out" / "rank_heatmap.png").exists()
 
 
+def test_unreadable_summaries_are_listed_not_fatal(sweep):
+    (sweep / "broken").mkdir()
+    (sweep / "broken" / "summary.json").write_text("{not json")
+    (sweep / "partial").mkdir()
+    (sweep / "partial" / "summary.json").write_text('{"method": "lora"}')
+    summaries, unreadable = report.load_summaries(sweep)
+    assert len(summaries) == 8 and len(unreadable) == 2 and "no model, data" in unreadable[1]
+
+
 def test_no_summaries_is_an_error(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 1
     assert "no summary.json" in capsys.readouterr().err

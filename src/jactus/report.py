@@ -55,6 +55,10 @@ def load_summaries(dirs) -> tuple[list[dict], list[str]]:
             except (OSError, json.JSONDecodeError) as err:
                 unreadable.append(f"{path} ({err})")
                 continue
+            missing = [key for key in ("method", "model", "data") if key not in summary]
+            if missing:
+                unreadable.append(f"{path} (no {', '.join(missing)})")
+                continue
             summary["_path"] = str(path)
             summaries.append(summary)
     return summaries, unreadable
