@@ -173,7 +173,7 @@ def _cifar(batches_dir: Path, files: list[str], label_key: str, meta_file: str, 
         labels += list(batch[label_key])
     with open(batches_dir / meta_file, "rb") as handle:
         classes = list(pickle.load(handle, encoding="latin1")[names_key])
-    return ImageLabelDataset(list(zip(np.concatenate(images), labels)), classes)
+    return ImageLabelDataset(list(zip(np.concatenate(images), labels, strict=True)), classes)
 
 
 def _torchvision(cls_name: str, root: Path, **kwargs) -> Dataset:
