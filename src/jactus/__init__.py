@@ -1,0 +1,23 @@
+"""jactus: Joint Adaptation and Compression with a Task-aware Union of Subspaces."""
+
+from .core import (
+    CalibrationStats,
+    FactorizedLinear,
+    LayerStats,
+    LowRankLinear,
+    RankPlan,
+    apply_rank_map,
+    calibrate,
+    count_params,
+    factorize,
+    find_targets,
+    load_compact,
+    plan_ranks,
+    save_compact,
+    warmup_head,
+)
+
+__all__ = [
+    "CalibrationStats", "FactorizedLinear", "LayerStats", "LowRankLinear", "RankPlan", "apply_rank_map", "calibrate",
+    "count_params", "factorize", "find_targets", "load_compact", "plan_ranks", "save_compact", "warmup_head",
+]

@@ -1,0 +1,244 @@
+"""Global rank allocation (METHOD.md section 4).
+
+Every allocator works on the spectra of the whitened weights `M_l` (`s_{l,j}^2` is the drop of the K-FAC proxy when
+rank j of layer l is kept), computed once per `plan_ranks` call, however many budgets are asked for.
+
+Ranks move in units of `rank_multiple`; every factorized layer keeps at least one unit. A layer whose rank would reach
+`floor(m n / (m + n))` is kept dense (`None`): a low-rank pair would not be smaller.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .linalg import DEFAULT_DAMPING
+from .params import count_params, dense_rank_limit, linear_cost
+from .subspace import STATS_MODES, check_choice, layer_metric, spectrum
+from .targets import find_targets
+
+ALLOCATORS = ("marginal_gain", "uniform", "energy")
+SCOPES = ("model", "targets")
+
+
+@dataclass
+class RankPlan:
+    """Ranks per target (`None` = dense) and the parameter accounting that produced them."""
+
+    ranks: dict[str, int | None]
+    params_original: int
+    params_deployed: int
+    ratio: float
+    budget: float | None
+    scope: str
+    allocator: str
+    stats_mode: str = "kfac"
+    rank_multiple: int = 8
+    energy: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> RankPlan:
+        data = dict(data)
+        data["ranks"] = {name: None if rank is None else int(rank) for name, rank in data["ranks"].items()}
+        return cls(**data)
+
+
+@dataclass
+class _Layer:
+    name: str
+    out_features: int
+    in_features: int
+    bias: bool
+    gains: torch.Tensor  # s^2, descending, fp64 on CPU
+
+    def cost(self, rank: int | None) -> int:
+        return linear_cost(self.in_features, self.out_features, rank, self.bias)
+
+    @property
+    def limit(self) -> int:
+        return dense_rank_limit(self.in_features, self.out_features)
+
+    def snap(self, rank: int | None, multiple: int) -> int | None:
+        """At least one unit of `multiple`; dense from `floor(m n / (m + n))` on."""
+        if rank is None:
+            return None
+        rank = max(rank, multiple)
+        return None if rank >= self.limit else rank
+
+
+def layer_spectra(model: nn.Module, stats, stats_mode: str = "kfac", damping: float = DEFAULT_DAMPING,
+                  targets: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """Singular values of each target's whitened weight (fp64, CPU, descending)."""
+    check_choice(stats_mode, STATS_MODES, "stats_mode")
+    return {name: spectrum(module.weight, layer_metric(_layer_stats(stats, name, stats_mode), stats_mode, damping,
+                                                        name, module.weight.device), name).cpu()
+            for name, module in _targets(model, stats, targets).items()}
+
+
+def _targets(model: nn.Module, stats, targets: Sequence[str] | None) -> dict[str, nn.Linear]:
+    if targets is not None:
+        return find_targets(model, targets)
+    if stats is None:
+        return find_targets(model)
+    modules = dict(model.named_modules())
+    missing = [name for name in stats.layers if not isinstance(modules.get(name), nn.Linear)]
+    if missing:
+        raise ValueError(f"calibrated layers {missing[:5]} are not nn.Linear modules of this model")
+    return {name: modules[name] for name in stats.layers}
+
+
+def _layer_stats(stats, name: str, stats_mode: str):
+    if stats_mode == "none":
+        return None
+    if stats is None or name not in stats.layers:
+        raise ValueError(f"layer {name!r} has no calibration statistics (stats_mode={stats_mode!r} needs them)")
+    return stats.layers[name]
+
+
+def plan_ranks(
+    model: nn.Module,
+    stats,
+    budget: float | Sequence[float] | None,
+    allocator: str = "marginal_gain",
+    scope: str = "model",
+    rank_multiple: int = 8,
+    stats_mode: str = "kfac",
+    damping: float = DEFAULT_DAMPING,
+    energy: float | None = None,
+    targets: Sequence[str] | None = None,
+) -> RankPlan | list[RankPlan]:
+    """Ranks meeting `budget` = deployed / original parameters (a list of budgets -> a list of plans).
+
+    scope=model counts every parameter of the model (non-target parameters on both sides, tied ones once);
+    scope=targets only the target linears. With `allocator="energy"` and a given `energy`, the ranks keep that
+    fraction of each layer's spectral energy and the budget is not enforced (the plan reports the ratio it gives).
+    """
+    check_choice(allocator, ALLOCATORS, "allocator")
+    check_choice(scope, SCOPES, "scope")
+    if not isinstance(rank_multiple, int) or rank_multiple < 1:
+        raise ValueError(f"rank_multiple={rank_multiple!r}: expected a positive integer")
+    if energy is not None and (allocator != "energy" or not 0.0 < energy <= 1.0):
+        raise ValueError(f"energy={energy!r} needs allocator='energy' (got {allocator!r}) and a value in (0, 1]")
+    budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget]
+    if energy is None:
+        for value in budgets:
+            if value is None or not 0.0 < float(value) <= 1.0:
+                raise ValueError(f"budget={value!r}: expected a retained-parameter fraction in (0, 1]")
+
+    spectra = layer_spectra(model, stats, stats_mode, damping, targets)
+    modules = _targets(model, stats, targets)
+    layers = [_Layer(name, modules[name].out_features, modules[name].in_features, modules[name].bias is not None,
+                     spectra[name] ** 2) for name in spectra]
+    target_params = sum(layer.cost(None) for layer in layers)
+    original = count_params(model) if scope == "model" else target_params
+    fixed = original - target_params  # parameters outside the targets, unchanged by the plan
+
+    smallest = fixed + sum(layer.cost(layer.snap(rank_multiple, rank_multiple)) for layer in layers)
+    plans = []
+    for value in budgets:
+        if energy is not None:
+            ranks = _energy_ranks(layers, energy, rank_multiple)
+        else:
+            limit = float(value) * original
+            if smallest > limit:
+                raise ValueError(f"budget={value} is not achievable: with scope={scope!r} the retained fraction "
+                                 f"ranges over [{smallest / original:.4f}, 1.0] (every target at rank "
+                                 f"{rank_multiple}, or dense where that would not save)")
+            ranks = _ALLOCATE[allocator](layers, fixed, limit, rank_multiple)
+        deployed = fixed + sum(layer.cost(ranks[layer.name]) for layer in layers)
+        plans.append(RankPlan(ranks=ranks, params_original=original, params_deployed=deployed,
+                              ratio=deployed / original, budget=None if value is None else float(value),
+                              scope=scope, allocator=allocator, stats_mode=stats_mode, rank_multiple=rank_multiple,
+                              energy=energy))
+    return plans if isinstance(budget, (list, tuple)) else plans[0]
+
+
+def _marginal_gain(layers: list[_Layer], fixed: int, limit: float, multiple: int) -> dict[str, int | None]:
+    """Greedy by gain per deployed parameter, one unit of `multiple` ranks at a time.
+
+    Within a layer the unit gains (sums of `s^2`) do not increase and the unit cost `multiple * (m + n)` is fixed,
+    so this is a global sort of unit gains per cost; the last step of a layer is the switch to dense (gain: all the
+    remaining energy, cost: `m n - (m + n) r`). A step that does not fit retires its layer (it never fits later:
+    the remaining budget only shrinks), so the plan ends within one step of the budget.
+    """
+    ranks = {layer.name: layer.snap(multiple, multiple) for layer in layers}
+    deployed = fixed + sum(layer.cost(ranks[layer.name]) for layer in layers)
+    heap: list[tuple[float, int, int, int | None]] = []
+
+    def push(index: int) -> None:
+        layer = layers[index]
+        rank = ranks[layer.name]
+        if rank is None:
+            return
+        step = layer.snap(rank + multiple, multiple)
+        gain = float(layer.gains[rank:step].sum()) if step is not None else float(layer.gains[rank:].sum())
+        cost = layer.cost(step) - layer.cost(rank)
+        heapq.heappush(heap, (-gain / cost, index, cost, step))
+
+    for index in range(len(layers)):
+        push(index)
+    while heap:
+        _, index, cost, step = heapq.heappop(heap)
+        if deployed + cost > limit:
+            continue
+        ranks[layers[index].name] = step
+        deployed += cost
+        push(index)
+    return ranks
+
+
+def _uniform(layers: list[_Layer], fixed: int, limit: float, multiple: int) -> dict[str, int | None]:
+    """The same retained parameter fraction `f` for every layer: `r = f m n / (m + n)`, floored to the multiple."""
+
+    def ranks_at(fraction: float) -> dict[str, int | None]:
+        return {layer.name: layer.snap(int(fraction * layer.in_features * layer.out_features
+                                           / (layer.in_features + layer.out_features)) // multiple * multiple,
+                                       multiple) for layer in layers}
+
+    return _largest_within(ranks_at, layers, fixed, limit)
+
+
+def _energy_rank(layer: _Layer, energy: float, multiple: int) -> int | None:
+    total = float(layer.gains.sum())
+    if total <= 0:
+        return layer.snap(multiple, multiple)
+    kept = torch.cumsum(layer.gains, 0) / total
+    rank = int(torch.searchsorted(kept, torch.tensor(energy - 1e-12, dtype=kept.dtype))) + 1
+    return layer.snap(-(-rank // multiple) * multiple, multiple)
+
+
+def _energy_ranks(layers: list[_Layer], energy: float, multiple: int) -> dict[str, int | None]:
+    return {layer.name: _energy_rank(layer, energy, multiple) for layer in layers}
+
+
+def _energy(layers: list[_Layer], fixed: int, limit: float, multiple: int) -> dict[str, int | None]:
+    """The largest spectral-energy fraction (CERSA-style, the same for every layer) whose ranks meet the budget."""
+    return _largest_within(lambda e: _energy_ranks(layers, e, multiple), layers, fixed, limit)
+
+
+def _largest_within(ranks_at, layers: list[_Layer], fixed: int, limit: float, iterations: int = 60):
+    """Bisection for the largest knob in [0, 1] whose (monotone) deployed size is within `limit`."""
+
+    def deployed(ranks) -> int:
+        return fixed + sum(layer.cost(ranks[layer.name]) for layer in layers)
+
+    if deployed(ranks_at(1.0)) <= limit:
+        return ranks_at(1.0)
+    low, high = 0.0, 1.0
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        if deployed(ranks_at(middle)) <= limit:
+            low = middle
+        else:
+            high = middle
+    return ranks_at(low)
+
+
+_ALLOCATE = {"marginal_gain": _marginal_gain, "uniform": _uniform, "energy": _energy}

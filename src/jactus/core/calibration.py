@@ -1,0 +1,385 @@
+"""Calibration statistics (METHOD.md section 1): input and output-gradient covariances of every target linear.
+
+For each target `y = W x + b` over the calibration tokens `t = 1..T` (tokens where `batch[mask_key]` is set, else all
+tokens, e.g. every ViT patch token):
+
+    Sx = (1/T) sum_t x_t x_t^T        Sg = (1/T) sum_t g_t g_t^T,   g_t = dL/dy_t
+
+Each batch adds one fp32 GEMM `X^T X` (on the compute device) into fp64 running sums, divided by the token count at
+the end. Layers that read the same input tensor (q/k/v, gate/up) share one `Sx`, stored once.
+
+Batch-size independence of Sg: `loss_fn` usually returns a per-batch *mean*, so `dL/dy` carries a factor
+`1 / N_b` that depends on how the data is split into batches. Each batch's gradients are therefore multiplied by
+`N_b = loss_normalizer(batch)`, the number of terms the mean runs over, which turns them into gradients of the
+*summed* loss over the whole calibration set. The default normalizer counts label tokens after the causal shift
+(`labels[..., 1:] != -100`, what HF causal-LM losses average over) for token labels, and examples otherwise
+(vision `(images, labels)`: `len(labels)`). For a `loss_fn` that already returns a sum pass `loss_normalizer=lambda b: 1`.
+A global scale of Sg changes neither the whitened directions nor the allocation (all gains scale alike), so only the
+relative weighting of batches matters, and with it the statistics do not depend on the batch split.
+
+The model runs in eval mode (no dropout noise in the statistics); its mode and every parameter's `requires_grad` flag
+are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .linalg import check_finite
+from .targets import find_targets
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+STATS_FORMAT = "jactus-calibration-v1"
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one target: `input_cov` (n x n fp64), `grad_cov` (m x m fp64, None without gradients)."""
+
+    input_cov: torch.Tensor
+    grad_cov: torch.Tensor | None
+    tokens: int
+
+
+@dataclass
+class CalibrationStats:
+    """`layers[name] -> LayerStats`; layers in one `input_groups` entry share the same `input_cov` tensor."""
+
+    layers: dict[str, LayerStats]
+    input_groups: list[list[str]] = field(default_factory=list)
+
+    def save(self, path: str | Path) -> None:
+        """torch.save with each shared input covariance written once."""
+        index: dict[int, int] = {}
+        input_covs: list[torch.Tensor] = []
+        layers = {}
+        for name, st in self.layers.items():
+            if id(st.input_cov) not in index:
+                index[id(st.input_cov)] = len(input_covs)
+                input_covs.append(st.input_cov.cpu())
+            layers[name] = {"input": index[id(st.input_cov)], "tokens": int(st.tokens),
+                            "grad_cov": None if st.grad_cov is None else st.grad_cov.cpu()}
+        torch.save({"format": STATS_FORMAT, "input_covs": input_covs, "layers": layers,
+                    "input_groups": self.input_groups}, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> CalibrationStats:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration statistics {path} not found (written by CalibrationStats.save)")
+        data = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(data, dict) or data.get("format") != STATS_FORMAT:
+            raise ValueError(f"{path} is not a jactus calibration file ({STATS_FORMAT})")
+        layers = {name: LayerStats(data["input_covs"][entry["input"]], entry["grad_cov"], entry["tokens"])
+                  for name, entry in data["layers"].items()}
+        return cls(layers, [list(group) for group in data["input_groups"]])
+
+
+def default_loss_normalizer(batch: Any) -> float:
+    """How many terms a mean-reduced task loss averages over in `batch` (see the module docstring)."""
+    labels = None
+    if isinstance(batch, Mapping):
+        labels = batch.get("labels")
+        if labels is None:
+            labels = next((v for v in batch.values() if torch.is_tensor(v)), None)
+    elif isinstance(batch, (tuple, list)) and batch:
+        labels = batch[1] if len(batch) > 1 else batch[0]
+    elif torch.is_tensor(batch):
+        labels = batch
+    if not torch.is_tensor(labels) or labels.dim() == 0:
+        return 1.0
+    if labels.dim() >= 2 and not labels.is_floating_point():  # token labels: causal-LM mean over shifted labels
+        return float((labels[..., 1:] != -100).sum())
+    return float(labels.shape[0])
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable,
+    loss_fn: LossFn,
+    targets: Sequence[str] | Mapping[str, nn.Linear] | None = None,
+    *,
+    mask_key: str = "attention_mask",
+    need_gradients: bool = True,
+    max_stats_bytes: int | None = None,
+    offload_to_cpu: bool = False,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    loss_normalizer: Callable[[Any], float] | None = None,
+) -> CalibrationStats:
+    """One calibration pass (or one per memory group) -> `CalibrationStats`.
+
+    `batches` is a re-iterable (list, DataLoader) of batches, `loss_fn(model, batch)` the task loss; `targets` are
+    patterns for `find_targets` (None: its defaults) or a `{name: nn.Linear}` dict. Batches are moved to `device`
+    (default: the model's device; the model itself is not moved). With `max_stats_bytes`, targets are split into
+    groups whose fp64 statistics fit, and the pass is repeated per group (same result as one pass). Under an
+    initialised `torch.distributed`, sums and token counts are all-reduced, so every rank gets identical statistics.
+    """
+    modules = dict(targets) if isinstance(targets, Mapping) else find_targets(model, targets)
+    if device is None:
+        first_param = next(model.parameters(), None)
+        device = first_param.device if first_param is not None else torch.device("cpu")
+    device = torch.device(device)
+    stats_device = torch.device("cpu") if offload_to_cpu else device
+    normalizer = loss_normalizer or default_loss_normalizer
+    one_shot = iter(batches) is batches
+    iterator = iter(batches)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise ValueError("calibrate got no batches") from None
+
+    was_training = model.training
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    model.eval()
+    for param, _ in flags:
+        param.requires_grad_(False)
+    try:
+        groups = _input_groups(model, modules, _to_device(first, device), loss_fn)
+        passes = _split_passes(groups, modules, need_gradients, max_stats_bytes)
+        if len(passes) > 1 and one_shot:
+            raise ValueError(f"the statistics need {len(passes)} calibration passes under max_stats_bytes="
+                             f"{max_stats_bytes}, but `batches` is a one-shot iterator; pass a list or DataLoader")
+        layers: dict[str, LayerStats] = {}
+        for index, pass_groups in enumerate(passes):
+            source = itertools.chain([first], iterator) if index == 0 else iter(batches)
+            layers.update(_calibration_pass(
+                model, modules, pass_groups, source, loss_fn, device=device, stats_device=stats_device,
+                mask_key=mask_key, need_gradients=need_gradients, normalizer=normalizer,
+                progress=progress, desc=f"calibration {index + 1}/{len(passes)}",
+                total=len(batches) if hasattr(batches, "__len__") else None))
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        model.train(was_training)
+    return CalibrationStats({name: layers[name] for name in modules}, [g for g in groups if len(g) > 1])
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [_to_device(v, device) for v in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    return batch
+
+
+def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["input"]
+
+
+def _input_groups(model: nn.Module, modules: Mapping[str, nn.Linear], batch: Any, loss_fn: LossFn) -> list[list[str]]:
+    """Groups of targets that read the very same input tensor, found in one gradient-free forward.
+
+    Each group is in call order (its first member, the leader, accumulates the shared covariance); targets never
+    called get a group of their own (they fail later for lack of tokens).
+    """
+    seen: list[tuple[torch.Tensor, list[str]]] = []
+
+    def hook(name):
+        def record(module, args, kwargs, output):
+            x = _layer_input(args, kwargs)
+            for tensor, group in seen:
+                if tensor is x:
+                    if name not in group:
+                        group.append(name)
+                    return
+            seen.append((x, [name]))
+        return record
+
+    handles = [module.register_forward_hook(hook(name), with_kwargs=True) for name, module in modules.items()]
+    try:
+        with torch.no_grad():
+            loss_fn(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    assigned: set[str] = set()
+    for _, group in seen:
+        group = [name for name in group if name not in assigned]  # a module called twice stays in its first group
+        if group:
+            groups.append(group)
+            assigned.update(group)
+    groups.extend([name] for name in modules if name not in assigned)
+    return groups
+
+
+def _split_passes(groups: list[list[str]], modules: Mapping[str, nn.Linear], need_gradients: bool,
+                  max_stats_bytes: int | None) -> list[list[list[str]]]:
+    """Pack input groups into passes whose fp64 statistics (n^2 once per group, m^2 per layer) fit the budget."""
+    if max_stats_bytes is None:
+        return [groups]
+
+    def size(group: list[str]) -> int:
+        n = modules[group[0]].in_features
+        return 8 * (n * n + (sum(modules[name].out_features ** 2 for name in group) if need_gradients else 0))
+
+    passes: list[list[list[str]]] = [[]]
+    used = 0
+    for group in groups:
+        need = size(group)
+        if need > max_stats_bytes:
+            raise ValueError(f"max_stats_bytes={max_stats_bytes} is below the {need} bytes that the statistics of "
+                             f"{group} alone need")
+        if used + need > max_stats_bytes and passes[-1]:
+            passes.append([])
+            used = 0
+        passes[-1].append(group)
+        used += need
+    return passes
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks when torch.distributed is initialised (CPU sums travel through CUDA under NCCL)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type == "cpu":
+        on_device = tensor.cuda()
+        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+        return tensor.copy_(on_device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def _calibration_pass(model, modules, groups, batches, loss_fn, *, device, stats_device, mask_key, need_gradients,
+                      normalizer, progress, desc, total) -> dict[str, LayerStats]:
+    leader_of = {name: group[0] for group in groups for name in group}
+    input_sums = {g[0]: torch.zeros(modules[g[0]].in_features, modules[g[0]].in_features, dtype=torch.float64,
+                                    device=stats_device) for g in groups}
+    grad_sums = {name: torch.zeros(modules[name].out_features, modules[name].out_features, dtype=torch.float64,
+                                   device=stats_device) for name in leader_of} if need_gradients else {}
+    tokens = {name: 0 for name in leader_of}
+    state: dict[str, Any] = {"mask": None, "scale": 1.0, "inputs": {}}
+
+    def masked(tensor: torch.Tensor) -> bool:
+        return state["mask"] is not None and tuple(state["mask"].shape) == tuple(tensor.shape[:-1])
+
+    def select(tensor: torch.Tensor) -> torch.Tensor:
+        """The calibration tokens of an activation [..., d] as rows [T_b, d]."""
+        return tensor[state["mask"]] if masked(tensor) else tensor.reshape(-1, tensor.shape[-1])
+
+    def grad_hook(name):
+        scale_sq = float(state["scale"]) ** 2
+
+        def accumulate(grad):
+            g = select(grad).float()
+            grad_sums[name].add_((g.T @ g).to(stats_device, torch.float64), alpha=scale_sq)
+        return accumulate
+
+    def forward_hook(name):
+        leader = leader_of[name]
+
+        def hook(module, args, kwargs, output):
+            x = _layer_input(args, kwargs).detach()  # downstream inputs carry the activation graph: keep it out
+            if name == leader:
+                state["inputs"][name] = _layer_input(args, kwargs)
+                xs = select(x).float()
+                input_sums[name].add_((xs.T @ xs).to(stats_device, torch.float64))
+            elif state["inputs"].get(leader) is not _layer_input(args, kwargs):
+                raise RuntimeError(f"layer {name!r} no longer reads the same input as {leader!r}; input sharing "
+                                   f"must not change between batches")
+            tokens[name] += int(state["mask"].sum()) if masked(x) else x.numel() // x.shape[-1]
+            if need_gradients and torch.is_grad_enabled():
+                if not output.requires_grad:  # everything upstream is frozen: start the activation graph here
+                    output.requires_grad_(True)
+                output.register_hook(grad_hook(name))
+        return hook
+
+    handles = [modules[name].register_forward_hook(forward_hook(name), with_kwargs=True) for name in leader_of]
+    try:
+        from tqdm.auto import tqdm
+
+        for step, batch in enumerate(tqdm(batches, desc=desc, total=total, disable=not progress, leave=False)):
+            batch = _to_device(batch, device)
+            mask = batch.get(mask_key) if isinstance(batch, Mapping) else None
+            state["mask"] = None if mask is None else mask.bool()
+            state["scale"] = normalizer(batch) if need_gradients else 1.0
+            with torch.set_grad_enabled(need_gradients):
+                loss = loss_fn(model, batch)
+                if need_gradients:
+                    if not bool(torch.isfinite(loss.detach()).all()):
+                        raise FloatingPointError(f"calibration loss is not finite at batch {step}: {loss.item()}; "
+                                                 f"the output-gradient statistics would be NaN")
+                    if not loss.requires_grad:
+                        raise RuntimeError("the calibration loss does not depend on any target layer's output")
+                    loss.backward()
+            state["inputs"].clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+        state["inputs"].clear()
+
+    counts = _all_reduce(torch.tensor([tokens[name] for name in leader_of], dtype=torch.float64,
+                                      device=stats_device))
+    tokens = {name: int(count) for name, count in zip(leader_of, counts.tolist())}
+    result: dict[str, LayerStats] = {}
+    for group in groups:
+        leader = group[0]
+        if tokens[leader] == 0:
+            raise ValueError(f"target layer {leader!r} saw no calibration tokens (is it used in the forward pass?)")
+        input_cov = _all_reduce(input_sums[leader]) / tokens[leader]
+        check_finite(input_cov, "input covariance", leader)
+        for name in group:
+            grad_cov = None
+            if need_gradients:
+                grad_cov = _all_reduce(grad_sums[name]) / tokens[name]
+                check_finite(grad_cov, "output-gradient covariance", name)
+            result[name] = LayerStats(input_cov, grad_cov, tokens[name])
+    return result
+
+
+def warmup_head(model: nn.Module, head_params: Iterable[nn.Parameter], batches: Iterable, loss_fn: LossFn,
+                steps: int, lr: float = 1e-3) -> list[float]:
+    """A short linear probe: train only `head_params` for `steps` steps (AdamW) with the backbone frozen.
+
+    The model runs in eval mode; its mode and every `requires_grad` flag are restored afterwards. Batches are
+    cycled (re-iterated) when there are fewer than `steps`. Returns the loss of each step.
+    """
+    params = list(head_params)
+    if not params:
+        raise ValueError("warmup_head got no head parameters")
+    if steps <= 0:
+        return []
+    device = params[0].device
+    was_training = model.training
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    losses: list[float] = []
+    try:
+        model.eval()
+        for param, _ in flags:
+            param.requires_grad_(False)
+        for param in params:
+            param.requires_grad_(True)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        iterator = iter(batches)
+        while len(losses) < steps:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                iterator = iter(batches)
+                batch = next(iterator, None)
+                if batch is None:
+                    break
+            loss = loss_fn(model, _to_device(batch, device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        for param in params:
+            param.grad = None
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        model.train(was_training)
+    return losses

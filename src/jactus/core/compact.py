@@ -1,0 +1,172 @@
+"""The deployable compact model (METHOD.md section 5).
+
+A compact directory holds
+- `model.safetensors`: every parameter and buffer (non-persistent ones such as rotary `inv_freq` too, so a meta-device
+  rebuild is exact), each `FactorizedLinear` folded into `LowRankLinear` weights (`down.weight = V^T`,
+  `up.weight = U C`); a tensor shared by several names (tied embeddings) is stored once, the other names recorded as
+  aliases in the file's metadata;
+- `rank_map.json`: layer -> rank (low-rank layers) or null (targets kept dense);
+- `arch.json`: how to rebuild the backbone without its weights: `{"library": "timm", "name", "kwargs"}` or
+  `{"library": "transformers", "config": config.to_dict(), "class": ...}`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .factorize import apply_rank_map
+from .layers import FactorizedLinear, LowRankLinear
+
+WEIGHTS_FILE, RANK_MAP_FILE, ARCH_FILE = "model.safetensors", "rank_map.json", "arch.json"
+_ALIASES, _NON_PERSISTENT = "jactus_aliases", "jactus_non_persistent_buffers"
+
+
+def _architecture(model: nn.Module, arch: Mapping | None) -> dict:
+    arch = arch if arch is not None else getattr(model, "jactus_arch", None)
+    if arch is None and hasattr(model, "config") and hasattr(model.config, "to_dict"):
+        arch = {"library": "transformers", "config": model.config.to_dict()}
+    if arch is None:
+        raise ValueError(f"save_compact needs the architecture of {type(model).__name__}: pass arch= "
+                         "{'library': 'timm', 'name': ..., 'kwargs': {...}} or set model.jactus_arch")
+    arch = dict(arch)
+    if arch.get("library") not in ("timm", "transformers"):
+        raise ValueError(f"arch library {arch.get('library')!r}: expected 'timm' or 'transformers'")
+    if arch["library"] == "transformers" and "class" not in arch and hasattr(model, "config"):
+        arch["class"] = type(model).__name__
+    return arch
+
+
+def _rank_map(model: nn.Module) -> dict[str, int | None]:
+    """Low-rank layers with their ranks, plus the targets a plan kept dense (null)."""
+    modules = dict(model.named_modules())
+    ranks: dict[str, int | None] = {name: module.rank for name, module in modules.items()
+                                    if isinstance(module, (FactorizedLinear, LowRankLinear))}
+    for name, rank in getattr(model, "jactus_rank_map", {}).items():
+        if rank is None and isinstance(modules.get(name), nn.Linear):
+            ranks[name] = None
+    return ranks
+
+
+def _deployed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """name -> tensor of every parameter and buffer (aliases included), factorized layers folded; and the names of
+    non-persistent buffers."""
+    persistent = set(model.state_dict(keep_vars=True))
+    tensors: dict[str, torch.Tensor] = {}
+    non_persistent: set[str] = set()
+    folded_prefixes = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, FactorizedLinear):
+            prefix = f"{name}." if name else ""
+            folded_prefixes.append(prefix)
+            deployed = module.fold()
+            for key, value in deployed.state_dict().items():
+                tensors[prefix + key] = value
+    for name, value in model.named_parameters(remove_duplicate=False):
+        if not any(name.startswith(prefix) for prefix in folded_prefixes):
+            tensors[name] = value
+    for name, value in model.named_buffers(remove_duplicate=False):
+        if not any(name.startswith(prefix) for prefix in folded_prefixes):
+            tensors[name] = value
+            if name not in persistent:
+                non_persistent.add(name)
+    return tensors, non_persistent
+
+
+def save_compact(model: nn.Module, path: str | Path, arch: Mapping | None = None) -> Path:
+    """Write the deployable model to the directory `path` (created); returns the path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    arch = _architecture(model, arch)
+    rank_map = _rank_map(model)
+    tensors, non_persistent = _deployed_tensors(model)
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    owner: dict[tuple, str] = {}
+    saved_storages: set[int] = set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach()
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride()), tensor.dtype)
+        if tensor.numel() and key in owner:  # the same tensor under another name (tied weights)
+            aliases[name] = owner[key]
+            continue
+        owner[key] = name
+        copy = tensor.cpu().contiguous()
+        # safetensors refuses tensors that share memory: a view of a larger or already saved storage is copied.
+        storage = copy.untyped_storage()
+        if storage.data_ptr() in saved_storages or storage.nbytes() != copy.numel() * copy.element_size():
+            copy = copy.clone()
+        saved_storages.add(copy.untyped_storage().data_ptr())
+        unique[name] = copy
+    path.mkdir(parents=True, exist_ok=True)
+    metadata = {_ALIASES: json.dumps(aliases), _NON_PERSISTENT: json.dumps(sorted(non_persistent)), "format": "pt"}
+    save_file(unique, str(path / WEIGHTS_FILE), metadata=metadata)
+    (path / RANK_MAP_FILE).write_text(json.dumps(rank_map, indent=2))
+    (path / ARCH_FILE).write_text(json.dumps(arch, indent=2, default=str))
+    return path
+
+
+def build_architecture(arch: Mapping) -> nn.Module:
+    """The backbone described by `arch`, built on the meta device (no weights read, no hub access)."""
+    with torch.device("meta"):
+        if arch["library"] == "timm":
+            import timm
+
+            return timm.create_model(arch["name"], pretrained=False, **arch.get("kwargs", {}))
+        import transformers
+
+        config_dict = dict(arch["config"])
+        config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+        class_name = arch.get("class") or (config.architectures or [None])[0]
+        if class_name is not None:
+            return getattr(transformers, class_name)(config)
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def load_compact(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the compact model saved by `save_compact` on `device`, in eval mode, with `model.jactus_arch` set."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    expected = {WEIGHTS_FILE: "the folded weights", RANK_MAP_FILE: "layer -> rank", ARCH_FILE: "the backbone"}
+    for file, what in expected.items():
+        if not (path / file).is_file():
+            raise FileNotFoundError(f"compact model: {path / file} not found (expected {what}, written by "
+                                    f"save_compact)")
+    arch = json.loads((path / ARCH_FILE).read_text())
+    rank_map = json.loads((path / RANK_MAP_FILE).read_text())
+    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    aliases = json.loads(metadata.get(_ALIASES, "{}"))
+    non_persistent = set(json.loads(metadata.get(_NON_PERSISTENT, "[]")))
+    tensors = load_file(str(path / WEIGHTS_FILE), device=str(device))
+    for alias, name in aliases.items():
+        tensors[alias] = tensors[name]
+
+    model = build_architecture(arch)
+    apply_rank_map(model, rank_map, LowRankLinear)
+    state = {name: tensor for name, tensor in tensors.items() if name not in non_persistent}
+    model.load_state_dict(state, strict=True, assign=True)
+    for name in non_persistent:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        owner.register_buffer(leaf, tensors[name], persistent=False)
+    # Re-tie: every alias becomes the very same Parameter object as the name it aliases.
+    for alias, name in aliases.items():
+        alias_owner, _, alias_leaf = alias.rpartition(".")
+        source_owner, _, source_leaf = name.rpartition(".")
+        source = getattr(model.get_submodule(source_owner) if source_owner else model, source_leaf)
+        setattr(model.get_submodule(alias_owner) if alias_owner else model, alias_leaf, source)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise RuntimeError(f"compact model {path}: tensors {left[:5]} were not in {WEIGHTS_FILE}")
+    model.jactus_arch = arch
+    model.jactus_rank_map = rank_map
+    return model.eval()

@@ -1,0 +1,161 @@
+"""Module replacement in one place: target `nn.Linear` -> `FactorizedLinear` (or `LowRankLinear` structure)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .allocation import RankPlan
+from .layers import FactorizedLinear, LowRankLinear
+from .linalg import DEFAULT_DAMPING
+from .subspace import STATS_MODES, check_choice, factorize_layer, layer_metric
+
+METHODS = ("jactus", "svd")
+LAYER_KINDS = {"factorized": FactorizedLinear, "lowrank": LowRankLinear}
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower()
+
+
+def factorize(
+    model: nn.Module,
+    stats,
+    plan: RankPlan | Mapping[str, int | None],
+    method: str = "jactus",
+    rho: float = 0.25,
+    weight_basis: str = "whitened",
+    stats_mode: str = "kfac",
+    damping: float = DEFAULT_DAMPING,
+    freeze: bool = True,
+    keep_trainable: Sequence[str] = ("norm", "bias"),
+    head_names: Sequence[str] = (),
+    progress: bool = True,
+) -> nn.Module:
+    """Replace every target with an int rank in `plan` by `FactorizedLinear(U, C, V, bias)`; `None` stays dense.
+
+    method: `jactus` (task-aware union with `rho` task directions, projected core) or `svd` (the same with
+    `rho = 0`: the truncated SVD of the weight in the `stats_mode` metric, the compress-then-adapt baselines).
+    freeze=True: only the cores, and per `keep_trainable` the factorized layers' biases ("bias") and the norm layers
+    ("norm": any module whose class name contains Norm), plus the `head_names` modules, train. Everything else,
+    LayerScale gammas included, is frozen: METHOD.md keeps only norms and the head trainable besides the cores.
+    The model is changed in place and returned; `model.jactus_rank_map` records the ranks.
+    """
+    check_choice(method, METHODS, "method")
+    check_choice(stats_mode, STATS_MODES, "stats_mode")
+    unknown = [key for key in keep_trainable if key not in ("norm", "bias")]
+    if unknown:
+        raise ValueError(f"keep_trainable {unknown}: valid entries are 'norm' and 'bias'")
+    ranks = dict(plan.ranks if isinstance(plan, RankPlan) else plan)
+    rho = 0.0 if method == "svd" else rho
+    modules = dict(model.named_modules())
+    _check_names(ranks, modules, (nn.Linear,))
+    if freeze:
+        for param in model.parameters():
+            param.requires_grad_(False)
+
+    from tqdm.auto import tqdm
+
+    for name in tqdm([n for n, r in ranks.items() if r is not None], desc="factorize", disable=not progress,
+                     leave=False):
+        linear = modules[name]
+        weight = linear.weight
+        layer_stats = None if stats_mode == "none" else _stats_for(stats, name)
+        metric = layer_metric(layer_stats, stats_mode, damping, name, weight.device)
+        with torch.no_grad():
+            U, core, V = factorize_layer(weight, metric, ranks[name], rho, weight_basis, name)
+            bias = None if linear.bias is None else linear.bias.detach().clone()
+            layer = FactorizedLinear(U.to(weight.dtype), core.to(weight.dtype), V.to(weight.dtype), bias)
+        if freeze and "bias" not in keep_trainable and layer.bias is not None:
+            layer.bias.requires_grad_(False)
+        _set_module(model, name, layer)
+
+    if freeze:
+        for module in model.modules():
+            if "norm" in keep_trainable and _is_norm(module):
+                for param in module.parameters():
+                    param.requires_grad_(True)
+        for head in head_names:
+            try:
+                head_module = model.get_submodule(head)
+            except AttributeError as err:
+                raise ValueError(f"head module {head!r} not found in {type(model).__name__}") from err
+            for param in head_module.parameters():
+                param.requires_grad_(True)
+    model.jactus_rank_map = {**getattr(model, "jactus_rank_map", {}), **ranks}
+    return model
+
+
+def _stats_for(stats, name: str):
+    if stats is None or name not in stats.layers:
+        raise ValueError(f"layer {name!r} has no calibration statistics")
+    return stats.layers[name]
+
+
+def _check_names(ranks: Mapping[str, int | None], modules: Mapping[str, nn.Module], kinds: tuple) -> None:
+    missing = [name for name in ranks if name not in modules]
+    if missing:
+        linears = [n for n, m in modules.items() if isinstance(m, (nn.Linear, FactorizedLinear, LowRankLinear))]
+        raise ValueError(f"rank map names {missing[:5]} are not modules of this model; linear layers: {linears[:8]}")
+    wrong = [f"{name} ({type(modules[name]).__name__})" for name, rank in ranks.items()
+             if not isinstance(modules[name], kinds)]
+    if wrong:
+        raise ValueError(f"rank map layers {wrong[:5]} are not {'/'.join(k.__name__ for k in kinds)}")
+    bad = [f"{name}={rank!r}" for name, rank in ranks.items() if rank is not None and (
+        not isinstance(rank, int) or rank < 1)]
+    if bad:
+        raise ValueError(f"ranks must be positive integers or None (dense): {bad[:5]}")
+
+
+def apply_rank_map(
+    model: nn.Module,
+    rank_map: Mapping[str, int | None],
+    layer_cls: type[nn.Module] | str = FactorizedLinear,
+) -> nn.Module:
+    """Structure only: each `nn.Linear` with an int rank becomes an empty (zero) `layer_cls` of that rank.
+
+    `layer_cls`: `FactorizedLinear` / `"factorized"` (training form, to resume a checkpoint) or `LowRankLinear` /
+    `"lowrank"` (deployed form, to load a compact file). New layers live on the linear's device and dtype (the meta
+    device included). A layer already of `layer_cls` with the same rank is left alone. `None` entries stay dense.
+    """
+    if isinstance(layer_cls, str):
+        if layer_cls not in LAYER_KINDS:
+            raise ValueError(f"unknown layer kind {layer_cls!r}; valid: {', '.join(LAYER_KINDS)}")
+        layer_cls = LAYER_KINDS[layer_cls]
+    if layer_cls not in LAYER_KINDS.values():
+        raise ValueError(f"layer_cls={layer_cls!r}: expected FactorizedLinear or LowRankLinear")
+    modules = dict(model.named_modules())
+    _check_names(rank_map, modules, (nn.Linear, layer_cls))
+    for name, rank in rank_map.items():
+        module = modules[name]
+        if rank is None:
+            if not isinstance(module, nn.Linear):
+                raise ValueError(f"rank map keeps {name!r} dense but the model holds a {type(module).__name__}")
+            continue
+        if isinstance(module, layer_cls):
+            if module.rank != rank:
+                raise ValueError(f"{name!r} already has rank {module.rank}, the rank map asks for {rank}")
+            continue
+        weight = module.weight
+        if rank > min(module.in_features, module.out_features):
+            raise ValueError(f"rank {rank} of {name!r} exceeds min(in, out) = "
+                             f"{min(module.in_features, module.out_features)}")
+        kwargs = {"bias": module.bias is not None, "device": weight.device, "dtype": weight.dtype}
+        if layer_cls is FactorizedLinear:
+            layer = FactorizedLinear.empty(module.in_features, module.out_features, rank, **kwargs)
+        else:
+            layer = LowRankLinear(module.in_features, module.out_features, rank, **kwargs)
+            if weight.device.type != "meta":
+                with torch.no_grad():
+                    for param in layer.parameters():
+                        param.zero_()
+        _set_module(model, name, layer)
+    model.jactus_rank_map = {**getattr(model, "jactus_rank_map", {}), **dict(rank_map)}
+    return model
