@@ -1,0 +1,90 @@
+"""CERSA: weight-only SVD keeping a fraction of spectral energy per layer, then train the k x k core.
+
+Each target linear becomes `U C V^T` from the plain SVD of its own weight (no data statistics): the rank keeps the
+fraction `energy` of the squared singular values (0.90 / 0.95), or, with `budget` set (`energy` null), the one
+fraction for all layers that meets the retained-parameter budget. The cores `C`, biases, norms and task heads train;
+`U` and `V` stay frozen. `export` folds each core (`U <- U C`) into a deployed `LowRankLinear`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from ..core import FactorizedLinear, RankPlan, apply_rank_map, factorize, plan_ranks
+from .base import Method, MethodContext, check_budget, register, set_trainable
+from .compress_then_adapt import SCOPES, check_positive, choice, fold_factorized
+
+
+def train_cores(model: nn.Module, head_names: Sequence[str]) -> None:
+    """What `core.factorize(freeze=True)` trains: the cores and biases of factorized layers, norms, task heads."""
+    factorized = {name for name, module in model.named_modules() if isinstance(module, FactorizedLinear)}
+
+    def is_core_or_bias(name: str, _) -> bool:
+        layer, _, leaf = name.rpartition(".")
+        return layer in factorized and leaf in ("C", "bias")
+
+    set_trainable(model, head_names=head_names, norms=True, extra=is_core_or_bias)
+
+
+@register("cersa")
+class CERSA(Method):
+    compresses = True
+
+    def __init__(
+        self,
+        energy: float | None = 0.90,
+        budget: float | None = None,
+        scope: str = "model",
+        rank_multiple: int = 8,
+        targets: Sequence[str] | None = None,
+    ):
+        if (energy is None) == (budget is None):
+            raise ValueError(f"cersa: set exactly one of method.energy (a spectral-energy fraction, e.g. 0.90) "
+                             f"and method.budget (a retained-parameter ratio); got energy={energy!r}, "
+                             f"budget={budget!r}")
+        if energy is not None and not 0.0 < energy <= 1.0:
+            raise ValueError(f"method.energy={energy!r}: expected a spectral-energy fraction in (0, 1], e.g. 0.90")
+        self.energy = None if energy is None else float(energy)
+        self._budget = None if budget is None else check_budget(budget, "cersa")
+        self.scope = choice(scope, SCOPES, "budget.scope")
+        self.rank_multiple = check_positive(rank_multiple, "allocator.rank_multiple")
+        self.targets = list(targets) if targets else None
+        self.plan: RankPlan | None = None
+        self.head_names: list[str] = []
+
+    @property
+    def budget(self) -> float | None:
+        """The budget asked for, or with a fixed energy fraction the ratio that fraction gave (after `apply`)."""
+        if self._budget is not None:
+            return self._budget
+        return None if self.plan is None else self.plan.ratio
+
+    def apply(self, ctx: MethodContext) -> nn.Module:
+        # Weight-only: no calibration statistics at all.
+        self.plan = plan_ranks(ctx.model, None, self._budget, allocator="energy", scope=self.scope, rank_multiple=self.rank_multiple,
+                               stats_mode="none", energy=self.energy, targets=self.targets)
+        self.head_names = list(ctx.head_names)
+        return factorize(ctx.model, None, self.plan, method="svd", weight_basis="plain", stats_mode="none",
+                         head_names=self.head_names)
+
+    def export(self, model: nn.Module) -> nn.Module:
+        return fold_factorized(model)
+
+    def structure(self) -> dict | None:
+        if self.plan is None:
+            return None
+        return {"plan": self.plan.to_dict(), "head_names": self.head_names}
+
+    def rebuild(self, model: nn.Module, structure: dict) -> nn.Module:
+        self.plan = RankPlan.from_dict(structure["plan"])
+        self.head_names = list(structure["head_names"])
+        apply_rank_map(model, self.plan.ranks, layer_cls=FactorizedLinear)
+        train_cores(model, self.head_names)
+        return model
+
+    def summary(self) -> dict:
+        if self.plan is None:
+            return {}
+        return {"energy": self.energy, "rank_map": dict(self.plan.ranks), "plan_ratio": self.plan.ratio}

@@ -1,0 +1,158 @@
+"""Compress first, then adapt: task-agnostic low-rank compression to the budget, then LoRA on the factors.
+
+1. Calibrate input statistics only (`Sx`, no task gradients) on the unlabeled calibration inputs.
+2. Plan the ranks (`uniform` or `marginal_gain`) and factorize every target linear with one of the classic
+   compressors: `svd` (plain SVD of W), `asvd` (activation-aware diagonal scaling), `svdllm` (whitening by `Sx`);
+   the core is folded at once, so each layer is a deployed `LowRankLinear` (`down` n -> r, `up` r -> m).
+3. HF PEFT LoRA on every factor linear (`*.down`, `*.up`); only the adapters (and task heads) train.
+`export` merges each adapter into its factor, so the deployed model has exactly the compressed size.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+
+from peft import inject_adapter_in_model
+from torch import nn
+
+from ..core import LowRankLinear, apply_rank_map, calibrate, factorize, plan_ranks
+from .base import Method, MethodContext, check_budget, register, set_trainable
+from .peft_adapters import check_lora_options, is_adapter_parameter, lora_config, merge_adapters
+
+# compressor -> the statistics mode of core.factorize that implements it
+COMPRESSORS = {"svd": "none", "asvd": "asvd", "svdllm": "input"}
+ALLOCATORS = ("uniform", "marginal_gain")
+SCOPES = ("model", "targets")
+
+
+def choice(value, valid: Sequence[str], key: str):
+    if value not in valid:
+        raise ValueError(f"{key}={value!r}: expected one of {list(valid)}")
+    return value
+
+
+def check_positive(value, key: str, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{key}={value!r}: expected a positive integer{' or null' if allow_none else ''}")
+    return value
+
+
+def first_batches(batches: Iterable | None, count: int | None, method: str) -> list:
+    """The first `count` calibration batches (all when `count` is None), materialised once."""
+    if batches is None:
+        raise ValueError(f"method {method!r} needs calibration batches (the datamodule's calibration_dataloader())")
+    selected = list(batches) if count is None else list(itertools.islice(iter(batches), count))
+    if not selected:
+        raise ValueError(f"method {method!r}: the calibration set is empty")
+    return selected
+
+
+def fold_factorized(model: nn.Module) -> nn.Module:
+    """Replace every `FactorizedLinear` by its deployed `LowRankLinear` (the core folded into the left factor)."""
+    from ..core import FactorizedLinear
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FactorizedLinear):
+            model.set_submodule(name, module.fold())
+    return model
+
+
+def factor_linears(model: nn.Module) -> list[str]:
+    """Names of the `down`/`up` linears of every `LowRankLinear`: the layers LoRA adapts."""
+    return sorted(f"{name}.{part}" for name, module in model.named_modules()
+                  if isinstance(module, LowRankLinear) for part in ("down", "up"))
+
+
+@register("compress_then_adapt")
+class CompressThenAdapt(Method):
+    """A classic compressor to the budget, then LoRA on the factors (METHOD.md section 6)."""
+
+    compresses = True
+
+    def __init__(
+        self,
+        budget: float = 0.8,
+        compressor: str = "svdllm",
+        allocator: str = "uniform",
+        scope: str = "model",
+        rank_multiple: int = 8,
+        r: int = 16,
+        lora_alpha: float = 32.0,
+        lora_dropout: float = 0.05,
+        damping: float = 1e-2,
+        targets: Sequence[str] | None = None,
+        calib_batches: int | None = None,
+        max_stats_bytes: int | None = None,
+        mask_key: str = "attention_mask",
+    ):
+        self._budget = check_budget(budget, "compress_then_adapt")
+        self.compressor = choice(compressor, list(COMPRESSORS), "method.compressor")
+        self.allocator = choice(allocator, ALLOCATORS, "allocator")
+        self.scope = choice(scope, SCOPES, "budget.scope")
+        self.rank_multiple = check_positive(rank_multiple, "allocator.rank_multiple")
+        check_lora_options("compress_then_adapt", r, lora_alpha, lora_dropout)
+        self.r, self.lora_alpha, self.lora_dropout = r, float(lora_alpha), float(lora_dropout)
+        if damping < 0:
+            raise ValueError(f"calib.damping={damping!r}: expected >= 0")
+        self.damping = float(damping)
+        self.targets = list(targets) if targets else None
+        self.calib_batches = check_positive(calib_batches, "method.calib_batches", allow_none=True)
+        self.max_stats_bytes, self.mask_key = max_stats_bytes, mask_key
+        self.plan = None
+        self.head_names: list[str] = []
+        self.adapted_layers: list[str] = []
+
+    @property
+    def budget(self) -> float:
+        return self._budget
+
+    @property
+    def stats_mode(self) -> str:
+        return COMPRESSORS[self.compressor]
+
+    def apply(self, ctx: MethodContext) -> nn.Module:
+        batches = first_batches(ctx.calibration_batches, self.calib_batches, self.name)
+        # Task-agnostic: input statistics of the unlabeled inputs only, no task gradients.
+        stats = calibrate(ctx.model, batches, ctx.loss_fn, targets=self.targets, mask_key=self.mask_key,
+                          need_gradients=False, max_stats_bytes=self.max_stats_bytes, device=ctx.device)
+        self.plan = plan_ranks(ctx.model, stats, self.budget, allocator=self.allocator, scope=self.scope,
+                               rank_multiple=self.rank_multiple, stats_mode=self.stats_mode, damping=self.damping,
+                               targets=self.targets)
+        self.head_names = list(ctx.head_names)
+        model = factorize(ctx.model, stats, self.plan, method="svd", stats_mode=self.stats_mode,
+                          damping=self.damping, head_names=self.head_names)
+        return self._adapt(fold_factorized(model))
+
+    def _adapt(self, model: nn.Module) -> nn.Module:
+        self.adapted_layers = factor_linears(model)
+        config = lora_config(self.adapted_layers, r=self.r, lora_alpha=self.lora_alpha,
+                             lora_dropout=self.lora_dropout)
+        model = inject_adapter_in_model(config, model)
+        set_trainable(model, head_names=self.head_names, extra=lambda name, _: is_adapter_parameter(name))
+        return model
+
+    def export(self, model: nn.Module) -> nn.Module:
+        """Merge each LoRA delta into its factor: the LowRankLinear shapes, hence the deployed size, do not change."""
+        return merge_adapters(model)
+
+    def structure(self) -> dict | None:
+        if self.plan is None:
+            return None
+        return {"plan": self.plan.to_dict(), "head_names": self.head_names}
+
+    def rebuild(self, model: nn.Module, structure: dict) -> nn.Module:
+        from ..core import RankPlan
+
+        self.plan = RankPlan.from_dict(structure["plan"])
+        self.head_names = list(structure["head_names"])
+        apply_rank_map(model, self.plan.ranks, layer_cls=LowRankLinear)
+        return self._adapt(model)
+
+    def summary(self) -> dict:
+        if self.plan is None:
+            return {}
+        return {"compressor": self.compressor, "allocator": self.allocator, "rank_map": dict(self.plan.ranks),
+                "plan_ratio": self.plan.ratio, "adapter_rank": self.r, "adapted_layers": len(self.adapted_layers)}
