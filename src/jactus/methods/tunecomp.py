@@ -161,8 +161,9 @@ class TuneComp(Method):
         if params_now <= params_target:
             return
         if dist.is_available() and dist.is_initialized():
-            for layer in layers.values():
-                dist.all_reduce(layer.component_energy, op=dist.ReduceOp.AVG)
+            for layer in layers.values():  # SUM then divide: gloo has no AVG
+                dist.all_reduce(layer.component_energy, op=dist.ReduceOp.SUM)
+                layer.component_energy.div_(dist.get_world_size())
         for name, components in select_prunable(layers, params_now, params_target).items():
             layers[name].prune(components)
 
