@@ -96,7 +96,7 @@ def convert_onnx(path: Path) -> dict[str, torch.Tensor]:
         state[timm_prefix + "attn.qkv.weight"] = np.concatenate([q, k, v], axis=0)
         state[timm_prefix + "attn.qkv.bias"] = np.concatenate(
             [array(hf + f"attention.attention.{p}.bias") for p in ("query", "key", "value")])
-    return {name: torch.from_numpy(np.array(value, dtype=np.float32, copy=True)) for name, value in state.items()}
+    return {name: torch.from_numpy(np.array(value, dtype=np.float32, order="C", copy=True)) for name, value in state.items()}
 
 
 def _position_embedding(arrays, array) -> np.ndarray:

