@@ -83,7 +83,7 @@ def test_checkpoint_of_factorized_run_resumes(compose_cfg, tmp_path):
     assert ckpts, "the first run wrote no checkpoint"
     checkpoint = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
     assert checkpoint["jactus_method"]["structure"]["plan"]["ranks"] == first["rank_map"]
-    resumed, _ = run_train(compose_cfg, base + ["trainer.max_steps=4", f"ckpt_path={ckpts[-1]}"], tmp_path / "b")
+    resumed, _ = run_train(compose_cfg, base + ["trainer.max_steps=4", f"ckpt_path='{ckpts[-1]}'"], tmp_path / "b")
     assert resumed["status"] == "ok"
     assert resumed["rank_map"] == first["rank_map"]
     assert resumed["params_deployed"] == first["params_deployed"]

@@ -1,0 +1,149 @@
+"""JACTUS as a method: calibrate -> plan ranks -> factorize into the task-aware union -> train the cores."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from ..core import FactorizedLinear, apply_rank_map, calibrate, factorize, plan_ranks
+from .base import Method, MethodContext, check_budget, register, set_trainable
+
+ALLOCATORS = ("marginal_gain", "uniform", "energy")
+SCOPES = ("model", "targets")
+STATS_MODES = ("kfac", "input", "gradient", "none", "asvd")
+WEIGHT_BASES = ("whitened", "plain")
+
+
+def _choice(value, valid: Sequence[str], key: str):
+    if value not in valid:
+        raise ValueError(f"{key}={value!r}: expected one of {list(valid)}")
+    return value
+
+
+@register("jactus")
+class Jactus(Method):
+    """Joint adaptation and compression with a task-aware union of subspaces (METHOD.md sections 1-5).
+
+    The ablations of the paper are knobs: `rho=0` (weight subspace only), `weight_basis=plain`,
+    `allocator=uniform`, `stats_mode=input` (Sg = I) or `gradient` (Sx = I).
+    """
+
+    compresses = True
+
+    def __init__(
+        self,
+        budget: float = 0.8,
+        scope: str = "model",
+        allocator: str = "marginal_gain",
+        rank_multiple: int = 8,
+        rho: float = 0.25,
+        weight_basis: str = "whitened",
+        stats_mode: str = "kfac",
+        damping: float = 1e-2,
+        targets: Sequence[str] | None = None,
+        max_stats_bytes: int | None = None,
+        mask_key: str = "attention_mask",
+    ):
+        self._budget = check_budget(budget, "jactus")
+        self.scope = _choice(scope, SCOPES, "budget.scope")
+        self.allocator = _choice(allocator, ALLOCATORS, "allocator")
+        self.stats_mode = _choice(stats_mode, STATS_MODES, "method.stats_mode")
+        self.weight_basis = _choice(weight_basis, WEIGHT_BASES, "method.weight_basis")
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"method.rho={rho}: expected a fraction in [0, 1]")
+        if rank_multiple < 1:
+            raise ValueError(f"allocator.rank_multiple={rank_multiple}: expected a positive integer")
+        if damping < 0:
+            raise ValueError(f"calib.damping={damping}: expected >= 0")
+        self.rank_multiple, self.rho, self.damping = int(rank_multiple), float(rho), float(damping)
+        self.targets = list(targets) if targets else None
+        self.max_stats_bytes, self.mask_key = max_stats_bytes, mask_key
+        self.plan = None
+        self.head_names: list[str] = []
+
+    @property
+    def budget(self) -> float:
+        return self._budget
+
+    def apply(self, ctx: MethodContext) -> nn.Module:
+        if ctx.calibration_batches is None:
+            raise ValueError("jactus needs calibration batches (the datamodule's calibration_dataloader())")
+        stats = calibrate(
+            ctx.model,
+            ctx.calibration_batches,
+            ctx.loss_fn,
+            targets=self.targets,
+            mask_key=self.mask_key,
+            need_gradients=self.stats_mode in ("kfac", "gradient"),
+            max_stats_bytes=self.max_stats_bytes,
+            device=ctx.device,
+        )
+        self.plan = plan_ranks(
+            ctx.model,
+            stats,
+            self.budget,
+            allocator=self.allocator,
+            scope=self.scope,
+            rank_multiple=self.rank_multiple,
+            stats_mode=self.stats_mode,
+            damping=self.damping,
+            targets=self.targets,
+        )
+        self.head_names = list(ctx.head_names)
+        return factorize(
+            ctx.model,
+            stats,
+            self.plan,
+            rho=self.rho,
+            weight_basis=self.weight_basis,
+            stats_mode=self.stats_mode,
+            damping=self.damping,
+            head_names=ctx.head_names,
+        )
+
+    def export(self, model: nn.Module) -> nn.Module:
+        """Fold every core into its left factor (U <- U C): the deployed (m + n) r layers."""
+        for name, module in list(model.named_modules()):
+            if isinstance(module, FactorizedLinear):
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, module.fold())
+        return model
+
+    def structure(self) -> dict | None:
+        if self.plan is None:
+            return None
+        return {"plan": self.plan.to_dict(), "head_names": self.head_names}
+
+    def rebuild(self, model: nn.Module, structure: dict) -> nn.Module:
+        from ..core import RankPlan
+
+        self.plan = RankPlan.from_dict(structure["plan"])
+        self.head_names = list(structure["head_names"])
+        apply_rank_map(model, self.plan.ranks, layer_cls="factorized")
+        # the same trainable set as factorize(freeze=True): cores, factorized biases, norms, heads
+        set_trainable(model, head_names=self.head_names, norms=True)
+        for module in model.modules():
+            if isinstance(module, FactorizedLinear):
+                module.C.requires_grad_(True)
+                if module.bias is not None:
+                    module.bias.requires_grad_(True)
+        return model
+
+    def summary(self) -> dict:
+        if self.plan is None:
+            return {}
+        ranks = [r for r in self.plan.ranks.values() if r is not None]
+        return {
+            "rank_map": dict(self.plan.ranks),
+            "rank_stats": {
+                "layers": len(self.plan.ranks),
+                "factorized": len(ranks),
+                "dense": len(self.plan.ranks) - len(ranks),
+                "rank_min": min(ranks) if ranks else None,
+                "rank_mean": sum(ranks) / len(ranks) if ranks else None,
+                "rank_max": max(ranks) if ranks else None,
+            },
+            "plan_ratio": self.plan.ratio,
+        }
