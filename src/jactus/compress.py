@@ -22,7 +22,7 @@ from .core import calibrate, count_params, factorize, plan_ranks, save_compact, 
 from .lit.base import _to_device
 from .methods.jactus import Jactus
 from .summary import git_sha, write_summary
-from .utils.run import build_run, method_label, task_wrapper
+from .utils.run import CONF_DIR, build_run, method_label, task_wrapper
 from .utils.tables import print_results_table
 
 
@@ -99,7 +99,7 @@ def compress(cfg: DictConfig) -> list[dict]:
     return summaries
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="compress")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="compress")
 def main(cfg: DictConfig) -> None:
     compress(cfg)
 

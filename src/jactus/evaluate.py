@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .compress import resolve_device
 from .core import count_params, load_compact
-from .utils.run import check_config, task_wrapper
+from .utils.run import CONF_DIR, check_config, task_wrapper
 from .utils.tables import print_results_table
 
 
@@ -49,7 +49,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from .callbacks import CompressionCallback
 from .core import count_params, save_compact
 from .summary import git_sha, write_summary
-from .utils.run import build_run, flat_config, method_label, task_wrapper
+from .utils.run import CONF_DIR, build_run, flat_config, method_label, task_wrapper
 from .utils.tables import print_results_table
 
 log = logging.getLogger("jactus")
@@ -118,7 +118,7 @@ def _print_before_after(summary: dict) -> None:
         print_results_table(f"{summary['model']} on {summary['data']}: accuracy (%)", rows, params)
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
     summary = train(cfg)

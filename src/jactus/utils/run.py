@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import functools
+import os
 import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("jactus")
+
+# The Hydra configs live at the repository's top level (conf/); JACTUS_CONF_DIR points elsewhere.
+CONF_DIR = os.environ.get("JACTUS_CONF_DIR") or str(Path(__file__).resolve().parents[3] / "conf")
 
 FAMILIES = {"vision": "vision", "causal_lm": "qa"}  # model family -> the data family it reads
 
