@@ -1,0 +1,59 @@
+"""Each benchmark script runs end to end at toy size and writes the keys results.json needs (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "experiments" / "bench"
+sys.path.insert(0, str(BENCH))
+
+pytestmark = pytest.mark.slow
+
+
+def test_compress_llama_toy(tmp_path):
+    import compress_llama
+
+    record = compress_llama.main(["--scale", "toy", "--no-floor", "--out", str(tmp_path / "c.json")])
+    assert record["scale"] == "toy-scale"
+    assert {"calibrate", "plan_ranks", "factorize"} <= set(record["stages_s"])
+    assert record["wall_s"] > 0 and "by_op" in record["linalg"]
+    assert 0.7 < record["plan"]["ratio"] <= 0.8
+
+
+def test_train_throughput_toy(tmp_path):
+    import train_throughput
+
+    record = train_throughput.main(["--scale", "toy", "--families", "causal_lm", "--ranks", "structure",
+                                    "--out", str(tmp_path / "t.json")])
+    assert set(record["train_tokens_per_s"]) == set(train_throughput.METHODS)
+    assert set(record["train_peak_gb"]) == set(train_throughput.METHODS)
+    assert set(record["causal_lm"]["ratios"]) >= {"jactus_0.8_vs_lora", "jactus_0.8_peak_vs_full_ft"}
+
+
+def test_infer_throughput_toy(tmp_path):
+    import infer_throughput
+
+    record = infer_throughput.main(["--scale", "toy", "--families", "causal_lm", "--ranks", "structure",
+                                    "--out", str(tmp_path / "i.json")])
+    for key in ("infer_throughput", "infer_latency_ms", "infer_param_bytes"):
+        assert set(record[key]) == {"dense", "jactus_0.8", "jactus_0.6"}
+    assert record["infer_param_bytes"]["jactus_0.6"] < record["infer_param_bytes"]["dense"]
+
+
+def test_run_all_report_from_records(tmp_path):
+    import run_all
+
+    records = {"compress": {"wall_s": 1.0, "stages_s": {"calibrate": 1.0}, "memory": {"peak_rss_gb": 1.0}},
+               "train": {"train_tokens_per_s": {"lora": 1.0}, "train_peak_gb": {"lora": 1.0}},
+               "infer": {"infer_throughput": {"dense": 1.0}}, "fsdp_smoke": {"ok": True}}
+    summary = run_all.summarise("toy", records)
+    for key in ("compress_7b_wall_s", "compress_7b_peak_gpu_gb", "compress_7b_stages", "train_tokens_per_s",
+                "train_peak_gb", "infer_throughput", "infer_latency_ms", "device", "date", "scale", "shapes"):
+        assert key in summary
+    assert summary["scale"] == "toy-scale"
+    json.dumps(summary)
+    assert "toy-scale" in run_all.report(summary)
