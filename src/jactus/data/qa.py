@@ -91,7 +91,7 @@ def _choose(task: str, header: str, stem: str, word: str, options: Sequence[str]
     """LLM-Adapters' multiple-choice instruction: `{header}: {stem}`, numbered options, then the answer format."""
     options = [option.strip() for option in options]
     names = [f"{word}{index + 1}" for index in range(len(options))]
-    listed = separator.join(f"{name.capitalize()}: {option}" for name, option in zip(names, options))
+    listed = separator.join(f"{name.capitalize()}: {option}" for name, option in zip(names, options, strict=True))
     instruction = f"{header}: {stem.strip()}\n\n{listed}"
     if answer_format == "label":
         instruction += "\n\nAnswer format: " + "/".join(names)
@@ -306,7 +306,7 @@ def encode_items(items: Sequence[QAItem], tokenizer, task_names: Sequence[str]) 
     flat = [choice for item in items for choice in item.choices]
     choice_ids = tokenizer(flat, add_special_tokens=False)["input_ids"]
     encoded, cursor = [], 0
-    for item, prompt in zip(items, prompts):
+    for item, prompt in zip(items, prompts, strict=True):
         choices = choice_ids[cursor: cursor + len(item.choices)]
         cursor += len(item.choices)
         if any(len(choice) == 0 for choice in choices):

@@ -92,11 +92,13 @@ def convert_onnx(path: Path) -> dict[str, torch.Tensor]:
             for onnx_part, timm_name in _MATMUL_PARAMS.items():
                 state[timm_prefix + timm_name] = array(matmul_weights[(layer, onnx_part)]).T
         except KeyError as missing:
-            raise ValueError(f"{path}: no MatMul weight for layer {layer} {missing}; not the expected DINOv2 graph")
+            raise ValueError(f"{path}: no MatMul weight for layer {layer} {missing}; "
+                             f"not the expected DINOv2 graph") from None
         state[timm_prefix + "attn.qkv.weight"] = np.concatenate([q, k, v], axis=0)
         state[timm_prefix + "attn.qkv.bias"] = np.concatenate(
             [array(hf + f"attention.attention.{p}.bias") for p in ("query", "key", "value")])
-    return {name: torch.from_numpy(np.array(value, dtype=np.float32, order="C", copy=True)) for name, value in state.items()}
+    # C order: the transposed weights are views, and safetensors stores only contiguous tensors
+    return {name: torch.from_numpy(np.array(value, dtype=np.float32, order="C")) for name, value in state.items()}
 
 
 def _position_embedding(arrays, array) -> np.ndarray:
