@@ -322,7 +322,7 @@ def _calibration_pass(model, modules, groups, batches, loss_fn, *, device, stats
 
     counts = _all_reduce(torch.tensor([tokens[name] for name in leader_of], dtype=torch.float64,
                                       device=stats_device))
-    tokens = {name: int(count) for name, count in zip(leader_of, counts.tolist())}
+    tokens = {name: int(count) for name, count in zip(leader_of, counts.tolist(), strict=True)}
     result: dict[str, LayerStats] = {}
     for group in groups:
         leader = group[0]

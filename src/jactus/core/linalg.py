@@ -37,25 +37,33 @@ def damp(cov: torch.Tensor, damping: float = DEFAULT_DAMPING, layer: str = "?") 
     return cov + (damping * scale) * eye
 
 
-def cholesky_factor(cov: torch.Tensor, layer: str = "?", retries: int = 4) -> torch.Tensor:
-    """Lower-triangular `L` with `L L^T = cov` (fp64) for an already damped `cov`.
+def whitening(cov: torch.Tensor, damping: float = DEFAULT_DAMPING, layer: str = "?",
+              retries: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(S, L)`: the damped covariance and its lower Cholesky factor, `L L^T = S`, both fp64.
 
-    When the Cholesky fails (damping 0, or an ill-conditioned damped matrix), the diagonal is raised by 10x more each
-    retry, starting from 1e-10 * mean(diag); after `retries` failures the error names the layer.
+    When the Cholesky fails (damping 0 on rank-deficient statistics, or an ill-conditioned matrix), `S` gets an
+    extra diagonal jitter, 10x larger each retry from 1e-10 * mean(diag S); `S` is returned with that jitter so that
+    the metric and its factor stay consistent. After `retries` failures the error names the layer.
     """
-    cov = cov.to(torch.float64)
+    cov = damp(cov, damping, layer)
     factor, info = torch.linalg.cholesky_ex(cov)
-    jitter = 1e-10 * max(float(cov.diagonal().mean()), 1e-300)
+    jitter = 1e-10 * float(cov.diagonal().mean())
     eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
     for _ in range(retries):
         if int(info) == 0:
-            break
-        factor, info = torch.linalg.cholesky_ex(cov + jitter * eye)
+            return cov, factor
+        cov = cov + jitter * eye
+        factor, info = torch.linalg.cholesky_ex(cov)
         jitter *= 10
     if int(info) != 0:
         raise torch.linalg.LinAlgError(f"layer {layer!r}: covariance is not positive definite even with extra "
                                        f"jitter; increase damping")
-    return factor
+    return cov, factor
+
+
+def cholesky_factor(cov: torch.Tensor, layer: str = "?") -> torch.Tensor:
+    """Lower-triangular `L` with `L L^T = cov` for a positive definite `cov` (no damping added)."""
+    return whitening(cov, 0.0, layer)[1]
 
 
 def top_eigenvectors(cov: torch.Tensor, count: int, layer: str = "?") -> torch.Tensor:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .linalg import DEFAULT_DAMPING, check_finite, cholesky_factor, damp, orthonormal_union, top_eigenvectors
+from .linalg import DEFAULT_DAMPING, check_finite, damp, orthonormal_union, top_eigenvectors, whitening
 
 STATS_MODES = ("kfac", "input", "gradient", "none", "asvd")
 WEIGHT_BASES = ("whitened", "plain")
@@ -47,14 +47,12 @@ def layer_metric(layer_stats, stats_mode: str = "kfac", damping: float = DEFAULT
         raise ValueError(f"layer {layer!r}: stats_mode={stats_mode!r} needs calibration statistics, got none")
     metric = Metric()
     if stats_mode in ("kfac", "input"):
-        metric.input_cov = damp(layer_stats.input_cov.to(device), damping, layer)
-        metric.input_factor = cholesky_factor(metric.input_cov, layer)
+        metric.input_cov, metric.input_factor = whitening(layer_stats.input_cov.to(device), damping, layer)
     if stats_mode in ("kfac", "gradient"):
         if layer_stats.grad_cov is None:
             raise ValueError(f"layer {layer!r}: stats_mode={stats_mode!r} needs the output-gradient covariance; "
                              f"calibrate with need_gradients=True")
-        metric.grad_cov = damp(layer_stats.grad_cov.to(device), damping, layer)
-        metric.grad_factor = cholesky_factor(metric.grad_cov, layer)
+        metric.grad_cov, metric.grad_factor = whitening(layer_stats.grad_cov.to(device), damping, layer)
     if stats_mode == "asvd":
         scale = damp(layer_stats.input_cov.to(device), damping, layer).diagonal()
         metric.input_factor = torch.diag(scale ** (ASVD_ALPHA / 2))
