@@ -260,7 +260,7 @@ def _calibration_pass(model, modules, groups, batches, loss_fn, *, device, stats
     grad_sums = {name: torch.zeros(modules[name].out_features, modules[name].out_features, dtype=torch.float64,
                                    device=stats_device) for name in leader_of} if need_gradients else {}
     tokens = {name: 0 for name in leader_of}
-    state: dict[str, Any] = {"mask": None, "scale": 1.0, "inputs": {}}
+    state: dict[str, Any] = {"mask": None, "mask_count": None, "scale": 1.0, "inputs": {}}
 
     def masked(tensor: torch.Tensor) -> bool:
         return state["mask"] is not None and tuple(state["mask"].shape) == tuple(tensor.shape[:-1])
@@ -289,7 +289,7 @@ def _calibration_pass(model, modules, groups, batches, loss_fn, *, device, stats
             elif state["inputs"].get(leader) is not _layer_input(args, kwargs):
                 raise RuntimeError(f"layer {name!r} no longer reads the same input as {leader!r}; input sharing "
                                    f"must not change between batches")
-            tokens[name] += int(state["mask"].sum()) if masked(x) else x.numel() // x.shape[-1]
+            tokens[name] += state["mask_count"] if masked(x) else x.numel() // x.shape[-1]
             if need_gradients and torch.is_grad_enabled():
                 if not output.requires_grad:  # everything upstream is frozen: start the activation graph here
                     output.requires_grad_(True)
@@ -304,6 +304,7 @@ def _calibration_pass(model, modules, groups, batches, loss_fn, *, device, stats
             batch = _to_device(batch, device)
             mask = batch.get(mask_key) if isinstance(batch, Mapping) else None
             state["mask"] = None if mask is None else mask.bool()
+            state["mask_count"] = None if mask is None else int(state["mask"].sum())  # one sync per batch
             state["scale"] = normalizer(batch) if need_gradients else 1.0
             with torch.set_grad_enabled(need_gradients):
                 loss = loss_fn(model, batch)
