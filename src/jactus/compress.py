@@ -18,7 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from .core import calibrate, count_params, factorize, plan_ranks, save_compact, warmup_head
+from .core import calibrate, count_params, factorize, plan_ranks, save_compact
 from .lit.base import _to_device
 from .methods.jactus import Jactus
 from .summary import git_sha, write_summary
@@ -49,10 +49,7 @@ def compress(cfg: DictConfig) -> list[dict]:
     run.datamodule.setup("fit")
     module, model = run.module, run.module.model.to(device)
     calibration = [_to_device(b, device) for b in run.datamodule.calibration_dataloader()]
-    if cfg.calib.head_warmup_steps and module.head_names:
-        heads = [p for name in module.head_names for p in model.get_submodule(name).parameters()]
-        warmup_head(model, heads, calibration, module.calibration_loss, cfg.calib.head_warmup_steps,
-                    lr=cfg.calib.head_warmup_lr)
+    module.warmup_head(calibration, cfg.calib.head_warmup_steps, cfg.calib.head_warmup_lr)
     test_loader = run.datamodule.test_dataloader() if cfg.evaluate else None
     rows = [("dense", module.evaluate(test_loader, device))] if test_loader is not None else []
 
@@ -66,7 +63,7 @@ def compress(cfg: DictConfig) -> list[dict]:
     calib_wall_s = time.perf_counter() - stats_start
     params_original = count_params(model)
     summaries = []
-    for budget, plan in zip(budgets, plans):
+    for budget, plan in zip(budgets, plans, strict=True):
         budget_start = time.perf_counter()
         compact = factorize(copy.deepcopy(model), stats, plan, rho=method.rho, weight_basis=method.weight_basis,
                             stats_mode=method.stats_mode, damping=method.damping, head_names=module.head_names)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from .compress import resolve_device
 from .core import count_params, load_compact

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ..core import count_params, warmup_head
+from ..core import count_params
 from ..methods.base import Method, MethodContext
 from ..utils.tables import print_rank_table
 
@@ -74,9 +74,7 @@ class CompressionCallback(Callback):
         pl_module.model.to(device)
         calibration = _move(self._calibration_batches(trainer), device, trainer.global_rank, trainer.world_size)
         if self.head_warmup_steps and pl_module.head_names:
-            heads = [p for name in pl_module.head_names for p in pl_module.model.get_submodule(name).parameters()]
-            warmup_head(pl_module.model, heads, calibration, pl_module.calibration_loss, self.head_warmup_steps,
-                        lr=self.head_warmup_lr)
+            pl_module.warmup_head(calibration, self.head_warmup_steps, self.head_warmup_lr)
         test_loader = trainer.datamodule.test_dataloader() if self.evaluate_before else None
         if test_loader is not None:
             self.metrics_before["dense"] = pl_module.evaluate(test_loader, device)

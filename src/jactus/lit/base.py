@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 import lightning as L
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 
 class TaskModule(L.LightningModule):
@@ -50,6 +51,14 @@ class TaskModule(L.LightningModule):
     @property
     def task_names(self) -> list[str]:
         return []
+
+    def warmup_head(self, batches: Iterable, steps: int, lr: float) -> None:
+        """A short linear probe of the task heads (backbone frozen) before calibration; see core.warmup_head."""
+        from ..core import warmup_head
+
+        heads = [p for name in self.head_names for p in self.model.get_submodule(name).parameters()]
+        if heads and steps > 0:
+            warmup_head(self.model, heads, batches, self.calibration_loss, steps, lr=lr)
 
     # ---- training --------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -107,13 +116,14 @@ class TaskModule(L.LightningModule):
             self.log(key, value, sync_dist=False, prog_bar=key == f"{stage}/acc")
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterable, device: torch.device | str | None = None, stage: str = "test") -> dict:
+    def evaluate(self, batches: Iterable, device: torch.device | str | None = None, stage: str = "test",
+                 progress: bool = True) -> dict:
         """Accuracy of the current model over `batches` outside any trainer (before/after-compression figures)."""
         device = torch.device(device) if device is not None else next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
         counts = self._new_counts(device)
-        for batch in batches:
+        for batch in tqdm(batches, desc=f"evaluate ({stage})", leave=False, disable=not progress):
             self._accumulate(counts, self.score_batch(_to_device(batch, device)))
         self.model.train(was_training)
         return self.accuracy_from_counts(counts, stage)
@@ -135,7 +145,7 @@ class TaskModule(L.LightningModule):
         per_task = (counts[:, 0] / counts[:, 1].clamp_min(1)).tolist()
         out: dict[str, float] = {}
         if len(self.task_names) > 1:
-            for name, acc, has in zip(self.task_names, per_task, seen.tolist()):
+            for name, acc, has in zip(self.task_names, per_task, seen.tolist(), strict=True):
                 if has:
                     out[f"{stage}/acc_{name}"] = 100.0 * acc
         if seen.any():
