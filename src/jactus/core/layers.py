@@ -31,9 +31,9 @@ class FactorizedLinear(nn.Module):
                              f"C {tuple(C.shape)}, V {tuple(V.shape)}")
         if bias is not None and bias.shape != (U.shape[0],):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({U.shape[0]},)")
-        self.U = nn.Parameter(U, requires_grad=False)
-        self.C = nn.Parameter(C)
-        self.V = nn.Parameter(V, requires_grad=False)
+        self.U = nn.Parameter(U.contiguous(), requires_grad=False)  # FSDP2 shards only contiguous parameters
+        self.C = nn.Parameter(C.contiguous())
+        self.V = nn.Parameter(V.contiguous(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias)
 
     @classmethod
