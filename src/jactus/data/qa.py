@@ -15,8 +15,9 @@ Sources (`source=`):
 Prompts follow LLM-Adapters: `PROMPT_TEMPLATE` around a per-task instruction. Answer formats:
 - "label": LLM-Adapters' own outputs ("the correct answer is solution1"; BoolQ "... is true"), so a model trained on
   commonsense_170k.json is scored the way it was trained;
-- "text": the instruction without its "Answer format" line, and each choice's own text as the continuation
-  (BoolQ: yes/no); this suits zero-shot scoring of small models.
+- "text": the instruction without the numbered options and the "Answer format" line, and each choice's own text as
+  the continuation (BoolQ: yes/no), scored by likelihood as in zero-shot harnesses; this suits small models
+  (listing the options would let a model copy any of them, which blurs the scores).
 """
 
 from __future__ import annotations
@@ -90,13 +91,13 @@ def _choose(task: str, header: str, stem: str, word: str, options: Sequence[str]
             separator: str = "\n") -> QAItem:
     """LLM-Adapters' multiple-choice instruction: `{header}: {stem}`, numbered options, then the answer format."""
     options = [option.strip() for option in options]
-    names = [f"{word}{index + 1}" for index in range(len(options))]
-    listed = separator.join(f"{name.capitalize()}: {option}" for name, option in zip(names, options, strict=True))
-    instruction = f"{header}: {stem.strip()}\n\n{listed}"
     if answer_format == "label":
-        instruction += "\n\nAnswer format: " + "/".join(names)
+        names = [f"{word}{index + 1}" for index in range(len(options))]
+        listed = separator.join(f"{name.capitalize()}: {option}" for name, option in zip(names, options, strict=True))
+        instruction = f"{header}: {stem.strip()}\n\n{listed}\n\nAnswer format: " + "/".join(names)
         choices = [ANSWER_PREFIX + name for name in names]
-    else:
+    else:  # the options are not listed: a model could copy any listed text, which blurs likelihood scoring
+        instruction = f"{header}: {stem.strip()}"
         choices = options
     if not 0 <= gold < len(options):
         raise ValueError(f"{task}: gold index {gold} outside the {len(options)} options of {stem[:60]!r}")
