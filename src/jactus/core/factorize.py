@@ -93,6 +93,14 @@ def factorize(
     return model
 
 
+def fold_factorized(model: nn.Module) -> nn.Module:
+    """Replace every `FactorizedLinear` by its deployed `LowRankLinear` (the core folded into the left factor)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FactorizedLinear):
+            model.set_submodule(name, module.fold())
+    return model
+
+
 def _stats_for(stats, name: str):
     if stats is None or name not in stats.layers:
         raise ValueError(f"layer {name!r} has no calibration statistics")

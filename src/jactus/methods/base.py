@@ -127,6 +127,33 @@ def set_trainable(
                 param.requires_grad_(True)
 
 
+def choice(value, valid: Sequence[str], key: str):
+    if value not in valid:
+        raise ValueError(f"{key}={value!r}: expected one of {list(valid)}")
+    return value
+
+
+def check_positive(value, key: str, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{key}={value!r}: expected a positive integer{' or null' if allow_none else ''}")
+    return value
+
+
+def train_cores(model: nn.Module, head_names: Sequence[str]) -> None:
+    """What `core.factorize(freeze=True)` trains: the cores and biases of factorized layers, norms, task heads."""
+    from ..core import FactorizedLinear
+
+    factorized = {name for name, module in model.named_modules() if isinstance(module, FactorizedLinear)}
+
+    def is_core_or_bias(name: str, _) -> bool:
+        layer, _, leaf = name.rpartition(".")
+        return layer in factorized and leaf in ("C", "bias")
+
+    set_trainable(model, head_names=head_names, norms=True, extra=is_core_or_bias)
+
+
 def check_budget(budget: float, method: str) -> float:
     """A retained-parameter budget must be a ratio in (0, 1]."""
     if not isinstance(budget, (int, float)) or not 0.0 < float(budget) <= 1.0:

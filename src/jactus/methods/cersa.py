@@ -12,20 +12,9 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..core import FactorizedLinear, RankPlan, apply_rank_map, factorize, plan_ranks
-from .base import Method, MethodContext, check_budget, register, set_trainable
-from .compress_then_adapt import SCOPES, check_positive, choice, fold_factorized
-
-
-def train_cores(model: nn.Module, head_names: Sequence[str]) -> None:
-    """What `core.factorize(freeze=True)` trains: the cores and biases of factorized layers, norms, task heads."""
-    factorized = {name for name, module in model.named_modules() if isinstance(module, FactorizedLinear)}
-
-    def is_core_or_bias(name: str, _) -> bool:
-        layer, _, leaf = name.rpartition(".")
-        return layer in factorized and leaf in ("C", "bias")
-
-    set_trainable(model, head_names=head_names, norms=True, extra=is_core_or_bias)
+from ..core import FactorizedLinear, RankPlan, apply_rank_map, factorize, fold_factorized, plan_ranks
+from .base import Method, MethodContext, check_budget, check_positive, choice, register, train_cores
+from .compress_then_adapt import SCOPES
 
 
 @register("cersa")

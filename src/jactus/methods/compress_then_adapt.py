@@ -16,28 +16,14 @@ from collections.abc import Iterable, Sequence
 from peft import inject_adapter_in_model
 from torch import nn
 
-from ..core import LowRankLinear, apply_rank_map, calibrate, factorize, plan_ranks
-from .base import Method, MethodContext, check_budget, register, set_trainable
+from ..core import LowRankLinear, apply_rank_map, calibrate, factorize, fold_factorized, plan_ranks
+from .base import Method, MethodContext, check_budget, check_positive, choice, register, set_trainable
 from .peft_adapters import check_lora_options, is_adapter_parameter, lora_config, merge_adapters
 
 # compressor -> the statistics mode of core.factorize that implements it
 COMPRESSORS = {"svd": "none", "asvd": "asvd", "svdllm": "input"}
 ALLOCATORS = ("uniform", "marginal_gain")
 SCOPES = ("model", "targets")
-
-
-def choice(value, valid: Sequence[str], key: str):
-    if value not in valid:
-        raise ValueError(f"{key}={value!r}: expected one of {list(valid)}")
-    return value
-
-
-def check_positive(value, key: str, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{key}={value!r}: expected a positive integer{' or null' if allow_none else ''}")
-    return value
 
 
 def first_batches(batches: Iterable | None, count: int | None, method: str) -> list:
@@ -48,16 +34,6 @@ def first_batches(batches: Iterable | None, count: int | None, method: str) -> l
     if not selected:
         raise ValueError(f"method {method!r}: the calibration set is empty")
     return selected
-
-
-def fold_factorized(model: nn.Module) -> nn.Module:
-    """Replace every `FactorizedLinear` by its deployed `LowRankLinear` (the core folded into the left factor)."""
-    from ..core import FactorizedLinear
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, FactorizedLinear):
-            model.set_submodule(name, module.fold())
-    return model
 
 
 def factor_linears(model: nn.Module) -> list[str]:

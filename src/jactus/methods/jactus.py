@@ -6,19 +6,13 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..core import FactorizedLinear, apply_rank_map, calibrate, factorize, plan_ranks
-from .base import Method, MethodContext, check_budget, register, set_trainable
+from ..core import apply_rank_map, calibrate, factorize, fold_factorized, plan_ranks
+from .base import Method, MethodContext, check_budget, choice, register, train_cores
 
 ALLOCATORS = ("marginal_gain", "uniform", "energy")
 SCOPES = ("model", "targets")
 STATS_MODES = ("kfac", "input", "gradient", "none", "asvd")
 WEIGHT_BASES = ("whitened", "plain")
-
-
-def _choice(value, valid: Sequence[str], key: str):
-    if value not in valid:
-        raise ValueError(f"{key}={value!r}: expected one of {list(valid)}")
-    return value
 
 
 @register("jactus")
@@ -46,10 +40,10 @@ class Jactus(Method):
         mask_key: str = "attention_mask",
     ):
         self._budget = check_budget(budget, "jactus")
-        self.scope = _choice(scope, SCOPES, "budget.scope")
-        self.allocator = _choice(allocator, ALLOCATORS, "allocator")
-        self.stats_mode = _choice(stats_mode, STATS_MODES, "method.stats_mode")
-        self.weight_basis = _choice(weight_basis, WEIGHT_BASES, "method.weight_basis")
+        self.scope = choice(scope, SCOPES, "budget.scope")
+        self.allocator = choice(allocator, ALLOCATORS, "allocator")
+        self.stats_mode = choice(stats_mode, STATS_MODES, "method.stats_mode")
+        self.weight_basis = choice(weight_basis, WEIGHT_BASES, "method.weight_basis")
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"method.rho={rho}: expected a fraction in [0, 1]")
         if rank_multiple < 1:
@@ -104,12 +98,7 @@ class Jactus(Method):
 
     def export(self, model: nn.Module) -> nn.Module:
         """Fold every core into its left factor (U <- U C): the deployed (m + n) r layers."""
-        for name, module in list(model.named_modules()):
-            if isinstance(module, FactorizedLinear):
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, child, module.fold())
-        return model
+        return fold_factorized(model)
 
     def structure(self) -> dict | None:
         if self.plan is None:
@@ -122,13 +111,7 @@ class Jactus(Method):
         self.plan = RankPlan.from_dict(structure["plan"])
         self.head_names = list(structure["head_names"])
         apply_rank_map(model, self.plan.ranks, layer_cls="factorized")
-        # the same trainable set as factorize(freeze=True): cores, factorized biases, norms, heads
-        set_trainable(model, head_names=self.head_names, norms=True)
-        for module in model.modules():
-            if isinstance(module, FactorizedLinear):
-                module.C.requires_grad_(True)
-                if module.bias is not None:
-                    module.bias.requires_grad_(True)
+        train_cores(model, self.head_names)  # the trainable set of factorize(freeze=True)
         return model
 
     def summary(self) -> dict:

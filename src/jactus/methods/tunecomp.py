@@ -27,8 +27,8 @@ from torch import nn
 from ..baselines.tunecomp import TwoBranchLinear, deployed_cost, group_lasso, select_prunable, teacher_weight
 from ..core import LowRankLinear, calibrate, count_params, find_targets, plan_ranks
 from ..core.subspace import layer_metric
-from .base import Method, MethodContext, check_budget, register, set_trainable
-from .compress_then_adapt import ALLOCATORS, SCOPES, check_positive, choice, first_batches
+from .base import Method, MethodContext, check_budget, check_positive, choice, register, set_trainable
+from .compress_then_adapt import ALLOCATORS, SCOPES, first_batches
 
 
 def two_branch_layers(model: nn.Module) -> dict[str, TwoBranchLinear]:
