@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import CompressionCallback
@@ -54,8 +55,10 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
         head_warmup_lr=cfg.calib.head_warmup_lr,
         evaluate_before=cfg.evaluate_before,
     )
-    callbacks = [compression] + [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    callbacks = [compression] + [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if not loggers:  # Lightning refuses a LearningRateMonitor without a logger (logger=none)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
         logger.log_hyperparams(flat_config(cfg))
