@@ -120,3 +120,44 @@ def test_wandb_offline_logs_table_and_plots(sweep, tmp_path, monkeypatch):
     assert report.main([str(sweep), "--out", str(out)]) == 0
     media = {path.parent.parent.name + "/" + path.name.split("_0_")[0] for path in (out / "wandb").rglob("media/*/report/*")}
     assert media == {"images/acc_vs_params", "images/rank_heatmap", "table/table", "table/results"}
+
+
+def test_gaps(sweep, tmp_path):
+    # dora, seed 0 only: avg (89.5 + 71.25 + 97) / 3 = 85.9167; lora's avg (seed 0, the only complete one) is 86
+    for data, acc in [("cifar10", 89.5), ("dtd", 71.25), ("eurosat", 97.0)]:
+        _write(sweep, f"dora/{data}/s0", method="dora", data=data, seed=0, acc=acc)
+    out = tmp_path / "out"
+    assert report.main([str(sweep), "--out", str(out), "--gaps", "lora:dora,jactus@0.8", "--gaps",
+                        "jactus@0.8:lora"]) == 0
+    markdown = (out / "report.md").read_text()
+    section = markdown[markdown.index("### Gaps"):markdown.index("## Plots")]
+    assert "| Ref | Other | cifar10 | dtd | eurosat | Avg. |" in section
+    assert "| lora | dora | +1.50 | +0.75 | +1.00 | +0.08 |" in section
+    assert "| lora | jactus@0.8 | -3.00 | — | — | — |" in section  # jactus: dtd failed, eurosat and avg missing
+    assert "| jactus@0.8 | lora | +3.00 | — | — | — |" in section
+    gaps = pd.read_csv(out / "gaps.csv")
+    assert len(gaps) == 3 * 4 and list(gaps.columns) == ["table", "ref", "other", "column", "ref_mean",
+                                                          "other_mean", "gap"]
+    average = gaps[(gaps["other"] == "dora") & (gaps["column"] == "Avg.")].iloc[0]
+    assert average["gap"] == pytest.approx(86.0 - (89.5 + 71.25 + 97.0) / 3)
+    assert gaps[(gaps["other"] == "jactus@0.8") & (gaps["column"] == "dtd")]["gap"].isna().all()
+
+
+def test_gaps_without_the_flag_write_nothing(sweep, tmp_path):
+    assert report.write_report(sweep, tmp_path / "out").gaps == []
+    assert not (tmp_path / "out" / "gaps.csv").exists()
+    assert "Gaps" not in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("jactus@0.6:lora", r"unknown row label\(s\) 'jactus@0.6' in the table 'vit'; its rows: lora, jactus@0.8"),
+    ("lora:dora,jactus", r"'dora', 'jactus' in the table 'vit'; its rows: lora, jactus@0.8"),
+    ("lora", r"expected REF:OTHER\[,OTHER...\]"),
+    ("lora:", r"expected REF:OTHER"),
+])
+def test_gaps_with_unknown_labels_fail(spec, message, sweep, tmp_path, capsys):
+    with pytest.raises(report.GapsError, match=message):
+        report.write_report(sweep, tmp_path / "out", gaps=[spec])
+    assert not (tmp_path / "out").exists()  # nothing written before the labels are checked
+    assert report.main([str(sweep), "--out", str(tmp_path / "out"), "--gaps", spec]) == 1
+    assert "jactus-report: --gaps" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """jactus-report: turn the `summary.json` files of a sweep into the paper's table, a long CSV and plots.
 
     jactus-report logs/multiruns/2026-11-02 [more dirs...] --out reports/vit8 --metric test/acc [--wandb]
+    jactus-report logs/multiruns/2026-11-02 --gaps jactus@0.8:lora,dora,compress_then_adapt@0.8 [--gaps REF:...]
 
 Writes to `--out` (default: the first sweep dir):
   report.md           one table per (experiment, model): rows = methods ("jactus@0.8"), a retained-parameter
@@ -11,6 +12,11 @@ Writes to `--out` (default: the first sweep dir):
   acc_vs_params.png   accuracy against retained parameters (%), one panel per column, one line per method.
   rank_heatmap.png    per-layer ranks of the runs that carry a `rank_map` (grey = kept dense); skipped with a note
                       in report.md when none does.
+  gaps.csv            with `--gaps REF:OTHER[,OTHER...]` (repeatable; labels as in the table's rows, e.g.
+                      "jactus@0.8", "lora"): per table a "Gaps" section in report.md, one row per OTHER, the mean of
+                      REF minus the mean of OTHER per column and on the average ("+1.23", "-0.40"; "—" where either
+                      is missing); gaps.csv holds the same in long format. A label that is not a row of a table fails
+                      with a message listing that table's rows.
 
 The average of a row is taken per seed over the row's columns, over the seeds that have every column.
 """
@@ -247,6 +253,64 @@ def build_tables(frame: pd.DataFrame, digits: int = 2) -> list[ResultTable]:
     return tables
 
 
+class GapsError(ValueError):
+    """A malformed `--gaps` spec or a label that is not a row of a table."""
+
+
+def parse_gaps(spec: str) -> tuple[str, list[str]]:
+    """`"REF:OTHER[,OTHER...]"` -> (REF, [OTHER, ...])."""
+    ref, colon, others = spec.partition(":")
+    ref, other_labels = ref.strip(), [other.strip() for other in others.split(",") if other.strip()]
+    if not colon or not ref or not other_labels:
+        raise GapsError(f"--gaps {spec!r}: expected REF:OTHER[,OTHER...], e.g. jactus@0.8:lora,dora")
+    return ref, other_labels
+
+
+@dataclass
+class GapTable:
+    """REF minus OTHER of the means of a `ResultTable`, per column and on the average: one row per (REF, OTHER)."""
+
+    title: str
+    pairs: list[tuple[str, str]]
+    columns: list[str]
+    means: dict[tuple[str, str], float | None]  # (row, column) -> the table's mean
+    digits: int = 2
+
+    def gap(self, ref: str, other: str, column: str) -> float | None:
+        ref_mean, other_mean = self.means[(ref, column)], self.means[(other, column)]
+        return None if ref_mean is None or other_mean is None else ref_mean - other_mean
+
+    def text(self, ref: str, other: str, column: str) -> str:
+        gap = self.gap(ref, other, column)
+        return MISSING if gap is None else f"{round(gap, self.digits) + 0.0:+.{self.digits}f}"  # no "-0.00"
+
+    def to_markdown(self) -> str:
+        lines = ["| " + " | ".join(["Ref", "Other", *self.columns]) + " |",
+                 "|" + "|".join([":---", ":---"] + ["---:"] * len(self.columns)) + "|"]
+        lines += ["| " + " | ".join([ref, other, *(self.text(ref, other, c) for c in self.columns)]) + " |"
+                  for ref, other in self.pairs]
+        return "\n".join(lines)
+
+    def to_records(self) -> list[dict]:
+        """Long format: one record per (REF, OTHER, column)."""
+        return [{"table": self.title, "ref": ref, "other": other, "column": column,
+                 "ref_mean": _number(self.means[(ref, column)]), "other_mean": _number(self.means[(other, column)]),
+                 "gap": _number(self.gap(ref, other, column))}
+                for ref, other in self.pairs for column in self.columns]
+
+
+def build_gaps(table: ResultTable, specs: list[tuple[str, list[str]]]) -> GapTable:
+    """The gaps `specs` (from `parse_gaps`) ask for in `table`; a label that is not one of its rows fails."""
+    pairs = [(ref, other) for ref, others in specs for other in others]
+    unknown = list(dict.fromkeys(label for pair in pairs for label in pair if label not in table.rows))
+    if unknown:
+        raise GapsError(f"--gaps: unknown row label(s) {', '.join(map(repr, unknown))} in the table "
+                        f"{table.title!r}; its rows: {', '.join(table.rows)}")
+    columns = [*table.columns, AVERAGE]
+    means = {(row, column): table.cell(row, column).mean for row in table.rows for column in columns}
+    return GapTable(table.title, pairs, columns, means, table.digits)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Plots
 
@@ -338,19 +402,29 @@ class Report:
     frame: pd.DataFrame
     tables: list[ResultTable]
     files: dict[str, Path]
+    gaps: list[GapTable] = field(default_factory=list)  # one per table when gaps were asked for
 
 
-def write_report(dirs, out, metric: str = "test/acc", digits: int = 2) -> Report:
-    """Read the summaries under `dirs` and write report.md, results.csv and the plots to `out`."""
+def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: list[str] = ()) -> Report:
+    """Read the summaries under `dirs` and write report.md, results.csv and the plots to `out`.
+
+    `gaps`: "REF:OTHER[,OTHER...]" specs (see the module docstring); they also write gaps.csv.
+    """
+    specs = [parse_gaps(spec) for spec in gaps]
     summaries, unreadable = load_summaries(dirs)
     if not summaries:
         raise FileNotFoundError(f"no summary.json under {', '.join(map(str, _as_paths(dirs)))}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     frame = results_frame(summaries, metric)
     tables = build_tables(frame, digits)
+    gap_tables = [build_gaps(table, specs) for table in tables] if specs else []
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     files = {"csv": out / "results.csv", "acc_vs_params": plot_acc_vs_params(tables, out / "acc_vs_params.png", metric)}
     frame.to_csv(files["csv"], index=False)
+    if gap_tables:
+        files["gaps"] = out / "gaps.csv"
+        records = [record for gap_table in gap_tables for record in gap_table.to_records()]
+        pd.DataFrame.from_records(records).to_csv(files["gaps"], index=False)
     heatmap = plot_rank_heatmap(summaries, out / "rank_heatmap.png")
     if heatmap is not None:
         files["rank_heatmap"] = heatmap
@@ -361,8 +435,11 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2) -> Report
              f"Cells: mean ± sample std over seeds (the mean alone for one seed); {MISSING} = no run; "
              f"{FAILED} = every run failed; best mean per column in bold. {RATIO}: mean params_deployed / "
              f"params_original. {AVERAGE}: per seed over the row's columns, over the seeds that have every column.", ""]
-    for table in tables:
+    for index, table in enumerate(tables):
         lines += [f"## {table.title}", "", table.to_markdown(), ""]
+        if gap_tables:
+            lines += ["### Gaps", "", f"Mean of Ref minus mean of Other; {MISSING} where either is missing.", "",
+                      gap_tables[index].to_markdown(), ""]
     lines += ["## Plots", "", "![accuracy vs retained parameters](acc_vs_params.png)", ""]
     if heatmap is not None:
         lines += ["![rank allocation per layer](rank_heatmap.png)", ""]
@@ -372,7 +449,7 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2) -> Report
         lines += ["## Unreadable summaries", "", *[f"- {item}" for item in unreadable], ""]
     files["report"] = out / "report.md"
     files["report"].write_text("\n".join(lines))
-    return Report(summaries, frame, tables, files)
+    return Report(summaries, frame, tables, files, gap_tables)
 
 
 def wants_wandb(summaries: list[dict]) -> bool:
@@ -392,6 +469,8 @@ def log_to_wandb(report: Report, project: str = "jactus", name: str | None = Non
         for index, table in enumerate(report.tables):
             frame = table.to_frame().reset_index()
             payload[f"report/table_{index}"] = wandb.Table(dataframe=frame)
+        for index, gaps in enumerate(report.gaps):
+            payload[f"report/gaps_{index}"] = wandb.Table(dataframe=pd.DataFrame.from_records(gaps.to_records()))
         payload["report/results"] = wandb.Table(dataframe=report.frame.astype(str))
         for key in ("acc_vs_params", "rank_heatmap"):
             if key in report.files:
@@ -407,16 +486,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default: the first SWEEP_DIR)")
     parser.add_argument("--metric", default="test/acc", help="metric key in summary['metrics'] (default test/acc)")
     parser.add_argument("--digits", type=int, default=2, help="decimals in the table")
+    parser.add_argument("--gaps", action="append", default=[], metavar="REF:OTHER[,OTHER...]",
+                        help="per table, REF's mean minus each OTHER's per column (row labels, e.g. "
+                             "jactus@0.8:lora,dora); repeatable")
     parser.add_argument("--wandb", action="store_true", help="log the table and plots to W&B (WANDB_MODE honoured)")
     parser.add_argument("--wandb-project", default="jactus")
     args = parser.parse_args(argv)
     try:
-        report = write_report(args.sweep_dirs, args.out or args.sweep_dirs[0], args.metric, args.digits)
-    except FileNotFoundError as err:
+        report = write_report(args.sweep_dirs, args.out or args.sweep_dirs[0], args.metric, args.digits, args.gaps)
+    except (FileNotFoundError, GapsError) as err:
         print(f"jactus-report: {err}", file=sys.stderr)
         return 1
-    for table in report.tables:
+    for index, table in enumerate(report.tables):
         print(f"\n{table.title}\n{table.to_markdown()}")
+        if report.gaps:
+            print(f"\nGaps\n{report.gaps[index].to_markdown()}")
     print("\nwrote " + ", ".join(str(path) for path in report.files.values()))
     if args.wandb or wants_wandb(report.summaries):
         log_to_wandb(report, project=args.wandb_project)
