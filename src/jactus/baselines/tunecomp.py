@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..core.params import linear_cost
-from ..core.subspace import Metric, whitened_weight
+from ..core.subspace import Metric, weight_bases, whitened_svd
 
 
 def teacher_weight(step: int, max_steps: int) -> float:
@@ -34,13 +34,12 @@ def whitened_low_rank(weight: torch.Tensor, metric: Metric, rank: int) -> tuple[
     The SVD of the whitened weight `W Lx = U S V^T` (`Sx = Lx Lx^T`, SVD-LLM) is truncated and mapped back,
     with the singular values split evenly: `B = U sqrt(S)`, `A = sqrt(S) V^T Lx^{-1}`. Returns `(B, A, s)`; for each
     component the input energy `a_j^T Sx a_j` is `s_j` and the output energy `||b_j||^2 a_j^T Sx a_j` is `s_j^2`."""
-    left, singular, right_h = torch.linalg.svd(whitened_weight(weight, metric), full_matrices=False)
-    scale = singular[:rank].sqrt()
+    svd = whitened_svd(weight, metric)
+    left, right = weight_bases(weight, metric, svd)  # U and Lx^{-T} V
+    scale = svd.values[:rank].sqrt()
     up = left[:, :rank] * scale
-    right = right_h[:rank].T * scale
-    if metric.input_factor is not None:
-        right = torch.linalg.solve_triangular(metric.input_factor.T, right, upper=True)
-    return up.to(weight.dtype), right.T.to(weight.dtype), singular[:rank]
+    right = right[:, :rank] * scale
+    return up.to(weight.dtype), right.T.to(weight.dtype), svd.values[:rank]
 
 
 class TwoBranchLinear(nn.Module):

@@ -1,7 +1,7 @@
 """Global rank allocation (METHOD.md section 4).
 
 Every allocator works on the spectra of the whitened weights `M_l` (`s_{l,j}^2` is the drop of the K-FAC proxy when
-rank j of layer l is kept), computed once per `plan_ranks` call, however many budgets are asked for.
+rank j of layer l is kept), computed once per `plan_ranks` call (or given to it), however many budgets are asked for.
 
 Ranks move in units of `rank_multiple`; every factorized layer keeps at least one unit. A layer whose rank would reach
 `floor(m n / (m + n))` is kept dense (`None`): a low-rank pair would not be smaller.
@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .linalg import DEFAULT_DAMPING
+from .decompositions import Decompositions
+from .linalg import DEFAULT_DAMPING, check_choice
 from .params import count_params, dense_rank_limit, linear_cost
-from .subspace import STATS_MODES, check_choice, layer_metric, spectrum
+from .subspace import STATS_MODES
 from .targets import find_targets
 
 ALLOCATORS = ("marginal_gain", "uniform", "energy")
@@ -74,12 +75,20 @@ class _Layer:
 
 
 def layer_spectra(model: nn.Module, stats, stats_mode: str = "kfac", damping: float = DEFAULT_DAMPING,
-                  targets: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """Singular values of each target's whitened weight (fp64, CPU, descending)."""
-    check_choice(stats_mode, STATS_MODES, "stats_mode")
-    return {name: spectrum(module.weight, layer_metric(_layer_stats(stats, name, stats_mode), stats_mode, damping,
-                                                        name, module.weight.device), name).cpu()
-            for name, module in _targets(model, stats, targets).items()}
+                  targets: Sequence[str] | None = None, compute_dtype: str | torch.dtype = "auto",
+                  ) -> dict[str, torch.Tensor]:
+    """Singular values of each target's whitened weight (float64, CPU, descending), one shared-input group at a time.
+
+    Only the values are computed (`eigvalsh` of the smaller Gram matrix, `subspace.whitened_svd`).
+    """
+    modules = _targets(model, stats, targets)
+    decompositions = Decompositions(stats, stats_mode, damping, compute_dtype=compute_dtype)
+    spectra = {}
+    for group in decompositions.groups(modules):
+        for name in group:
+            spectra[name] = decompositions.spectrum(name, modules[name].weight)
+        decompositions.release(group)
+    return {name: spectra[name] for name in modules}
 
 
 def _targets(model: nn.Module, stats, targets: Sequence[str] | None) -> dict[str, nn.Linear]:
@@ -87,19 +96,24 @@ def _targets(model: nn.Module, stats, targets: Sequence[str] | None) -> dict[str
         return find_targets(model, targets)
     if stats is None:
         return find_targets(model)
+    return _linears(model, stats.layers, "calibrated layers")
+
+
+def _linears(model: nn.Module, names, what: str) -> dict[str, nn.Linear]:
     modules = dict(model.named_modules())
-    missing = [name for name in stats.layers if not isinstance(modules.get(name), nn.Linear)]
+    missing = [name for name in names if not isinstance(modules.get(name), nn.Linear)]
     if missing:
-        raise ValueError(f"calibrated layers {missing[:5]} are not nn.Linear modules of this model")
-    return {name: modules[name] for name in stats.layers}
+        raise ValueError(f"{what} {missing[:5]} are not nn.Linear modules of this model")
+    return {name: modules[name] for name in names}
 
 
-def _layer_stats(stats, name: str, stats_mode: str):
-    if stats_mode == "none":
-        return None
-    if stats is None or name not in stats.layers:
-        raise ValueError(f"layer {name!r} has no calibration statistics (stats_mode={stats_mode!r} needs them)")
-    return stats.layers[name]
+def _check_spectra(spectra: Mapping[str, torch.Tensor], modules: Mapping[str, nn.Linear]) -> None:
+    for name, values in spectra.items():
+        size = min(modules[name].in_features, modules[name].out_features)
+        if not torch.is_tensor(values) or tuple(values.shape) != (size,):
+            shape = tuple(values.shape) if torch.is_tensor(values) else type(values).__name__
+            raise ValueError(f"spectra[{name!r}] has shape {shape}; expected ({size},), the min(m, n) singular "
+                             f"values of the layer's whitened weight")
 
 
 def plan_ranks(
@@ -113,14 +127,20 @@ def plan_ranks(
     damping: float = DEFAULT_DAMPING,
     energy: float | None = None,
     targets: Sequence[str] | None = None,
+    spectra: Mapping[str, torch.Tensor] | None = None,
+    compute_dtype: str | torch.dtype = "auto",
 ) -> RankPlan | list[RankPlan]:
     """Ranks meeting `budget` = deployed / original parameters (a list of budgets -> a list of plans).
 
     scope=model counts every parameter of the model (non-target parameters on both sides, tied ones once);
     scope=targets only the target linears. With `allocator="energy"` and a given `energy`, the ranks keep that
     fraction of each layer's spectral energy and the budget is not enforced (the plan reports the ratio it gives).
+    `spectra`: precomputed `layer_spectra` (name -> singular values), e.g. gathered pass by pass by
+    `compress_model`; its layers are the targets and `stats` is not read (may be None). Otherwise the spectra are
+    computed from `stats` (decompositions in `compute_dtype`, see `Decompositions`).
     """
     check_choice(allocator, ALLOCATORS, "allocator")
+    check_choice(stats_mode, STATS_MODES, "stats_mode")
     check_choice(scope, SCOPES, "scope")
     if not isinstance(rank_multiple, int) or rank_multiple < 1:
         raise ValueError(f"rank_multiple={rank_multiple!r}: expected a positive integer")
@@ -132,10 +152,14 @@ def plan_ranks(
             if value is None or not 0.0 < float(value) <= 1.0:
                 raise ValueError(f"budget={value!r}: expected a retained-parameter fraction in (0, 1]")
 
-    spectra = layer_spectra(model, stats, stats_mode, damping, targets)
-    modules = _targets(model, stats, targets)
+    if spectra is None:
+        spectra = layer_spectra(model, stats, stats_mode, damping, targets, compute_dtype)
+        modules = _targets(model, stats, targets)
+    else:
+        modules = _linears(model, spectra, "layers of `spectra`")
+        _check_spectra(spectra, modules)
     layers = [_Layer(name, modules[name].out_features, modules[name].in_features, modules[name].bias is not None,
-                     spectra[name] ** 2) for name in spectra]
+                     spectra[name].to("cpu", torch.float64) ** 2) for name in spectra]
     target_params = sum(layer.cost(None) for layer in layers)
     original = count_params(model) if scope == "model" else target_params
     fixed = original - target_params  # parameters outside the targets, unchanged by the plan

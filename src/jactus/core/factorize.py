@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .allocation import RankPlan
+from .decompositions import Decompositions
 from .layers import FactorizedLinear, LowRankLinear
-from .linalg import DEFAULT_DAMPING
-from .subspace import STATS_MODES, check_choice, factorize_layer, layer_metric
+from .linalg import DEFAULT_DAMPING, check_choice
+from .subspace import STATS_MODES, WEIGHT_BASES
 
 METHODS = ("jactus", "svd")
 LAYER_KINDS = {"factorized": FactorizedLinear, "lowrank": LowRankLinear}
@@ -38,6 +39,7 @@ def factorize(
     keep_trainable: Sequence[str] = ("norm", "bias"),
     head_names: Sequence[str] = (),
     progress: bool = True,
+    compute_dtype: str | torch.dtype = "auto",
 ) -> nn.Module:
     """Replace every target with an int rank in `plan` by `FactorizedLinear(U, C, V, bias)`; `None` stays dense.
 
@@ -46,37 +48,83 @@ def factorize(
     freeze=True: only the cores, and per `keep_trainable` the factorized layers' biases ("bias") and the norm layers
     ("norm": any module whose class name contains Norm), plus the `head_names` modules, train. Everything else,
     LayerScale gammas included, is frozen: METHOD.md keeps only norms and the head trainable besides the cores.
-    The model is changed in place and returned; `model.jactus_rank_map` records the ranks.
+    Decompositions run in `compute_dtype` (see `Decompositions`). The model is changed in place and returned;
+    `model.jactus_rank_map` records the ranks.
     """
     check_choice(method, METHODS, "method")
     check_choice(stats_mode, STATS_MODES, "stats_mode")
-    unknown = [key for key in keep_trainable if key not in ("norm", "bias")]
-    if unknown:
-        raise ValueError(f"keep_trainable {unknown}: valid entries are 'norm' and 'bias'")
+    _check_keep_trainable(keep_trainable)
     ranks = dict(plan.ranks if isinstance(plan, RankPlan) else plan)
-    rho = 0.0 if method == "svd" else rho
     modules = dict(model.named_modules())
     _check_names(ranks, modules, (nn.Linear,))
+    decompositions = Decompositions(None if stats_mode == "none" else stats, stats_mode, damping,
+                                    compute_dtype=compute_dtype)
+    linears = {name: modules[name] for name, rank in ranks.items() if rank is not None}
+    layers = build_layers(decompositions, linears, [ranks], 0.0 if method == "svd" else rho, weight_basis,
+                          progress=progress)[0]
+    return install_layers(model, layers, ranks, freeze, keep_trainable, head_names)
+
+
+def build_layers(
+    decompositions: Decompositions,
+    linears: Mapping[str, nn.Linear],
+    rank_maps: Sequence[Mapping[str, int | None]],
+    rho: float = 0.25,
+    weight_basis: str = "whitened",
+    *,
+    release: Callable[[list[str]], None] | None = None,
+    park_on_cpu: bool = False,
+    progress: bool = True,
+    desc: str = "factorize",
+) -> list[dict[str, FactorizedLinear]]:
+    """The `FactorizedLinear` of each linear with an int rank, for each rank map (one decomposition per layer serves
+    them all); the model is not changed. Goes one shared-input group at a time, releasing the group's decompositions
+    (and calling `release(group)`) after it. `park_on_cpu`: build layers are moved to the CPU until they are used.
+    """
+    check_choice(weight_basis, WEIGHT_BASES, "weight_basis")
+    built: list[dict[str, FactorizedLinear]] = [{} for _ in rank_maps]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(linears), desc=desc, disable=not progress, leave=False)
+    for group in decompositions.groups(linears):
+        for name in group:
+            linear = linears[name]
+            for layers, ranks in zip(built, rank_maps, strict=True):
+                if ranks.get(name) is None:
+                    continue
+                with torch.no_grad():
+                    U, core, V = decompositions.factorize_layer(name, linear.weight, ranks[name], rho, weight_basis)
+                    bias = None if linear.bias is None else linear.bias.detach().clone()
+                    dtype = linear.weight.dtype
+                    layer = FactorizedLinear(U.to(dtype), core.to(dtype), V.to(dtype), bias)
+                layers[name] = layer.to("cpu") if park_on_cpu else layer
+            bar.update()
+        decompositions.release(group)
+        if release is not None:
+            release(group)
+    bar.close()
+    return built
+
+
+def install_layers(
+    model: nn.Module,
+    layers: Mapping[str, FactorizedLinear],
+    ranks: Mapping[str, int | None],
+    freeze: bool = True,
+    keep_trainable: Sequence[str] = ("norm", "bias"),
+    head_names: Sequence[str] = (),
+) -> nn.Module:
+    """Swap `layers` into `model` (each onto the device of the linear it replaces) with the freeze policy of
+    `factorize`; `model.jactus_rank_map` is updated with `ranks`."""
+    _check_keep_trainable(keep_trainable)
     if freeze:
         for param in model.parameters():
             param.requires_grad_(False)
-
-    from tqdm.auto import tqdm
-
-    for name in tqdm([n for n, r in ranks.items() if r is not None], desc="factorize", disable=not progress,
-                     leave=False):
-        linear = modules[name]
-        weight = linear.weight
-        layer_stats = None if stats_mode == "none" else _stats_for(stats, name)
-        metric = layer_metric(layer_stats, stats_mode, damping, name, weight.device)
-        with torch.no_grad():
-            U, core, V = factorize_layer(weight, metric, ranks[name], rho, weight_basis, name)
-            bias = None if linear.bias is None else linear.bias.detach().clone()
-            layer = FactorizedLinear(U.to(weight.dtype), core.to(weight.dtype), V.to(weight.dtype), bias)
+    for name, layer in layers.items():
+        layer = layer.to(model.get_submodule(name).weight.device)
         if freeze and "bias" not in keep_trainable and layer.bias is not None:
             layer.bias.requires_grad_(False)
         _set_module(model, name, layer)
-
     if freeze:
         for module in model.modules():
             if "norm" in keep_trainable and _is_norm(module):
@@ -89,8 +137,14 @@ def factorize(
                 raise ValueError(f"head module {head!r} not found in {type(model).__name__}") from err
             for param in head_module.parameters():
                 param.requires_grad_(True)
-    model.jactus_rank_map = {**getattr(model, "jactus_rank_map", {}), **ranks}
+    model.jactus_rank_map = {**getattr(model, "jactus_rank_map", {}), **dict(ranks)}
     return model
+
+
+def _check_keep_trainable(keep_trainable: Sequence[str]) -> None:
+    unknown = [key for key in keep_trainable if key not in ("norm", "bias")]
+    if unknown:
+        raise ValueError(f"keep_trainable {unknown}: valid entries are 'norm' and 'bias'")
 
 
 def fold_factorized(model: nn.Module) -> nn.Module:
@@ -99,12 +153,6 @@ def fold_factorized(model: nn.Module) -> nn.Module:
         if isinstance(module, FactorizedLinear):
             model.set_submodule(name, module.fold())
     return model
-
-
-def _stats_for(stats, name: str):
-    if stats is None or name not in stats.layers:
-        raise ValueError(f"layer {name!r} has no calibration statistics")
-    return stats.layers[name]
 
 
 def _check_names(ranks: Mapping[str, int | None], modules: Mapping[str, nn.Module], kinds: tuple) -> None:

@@ -1,6 +1,8 @@
-"""One layer of JACTUS: the metric from calibration statistics, the task-aware union subspace, the projected core.
+"""One layer of JACTUS: the metric from calibration statistics, the whitened weight's SVD, the task-aware union
+subspace, the projected core.
 
-Everything here runs in fp64 on the device of the weight; `None` for a covariance means the identity.
+Everything here computes in the metric's dtype (float64 unless asked otherwise) on the device of the weight; a side of
+the metric that is `None` is the identity.
 """
 
 from __future__ import annotations
@@ -10,71 +12,180 @@ from dataclasses import dataclass
 
 import torch
 
-from .linalg import DEFAULT_DAMPING, check_finite, damp, orthonormal_union, top_eigenvectors, whitening
+from .linalg import (
+    DEFAULT_DAMPING,
+    check_choice,
+    check_finite,
+    damp,
+    jittered_cholesky,
+    orthonormal_union,
+    resolve_eig_method,
+    top_eigenvectors,
+)
 
 STATS_MODES = ("kfac", "input", "gradient", "none", "asvd")
 WEIGHT_BASES = ("whitened", "plain")
 ASVD_ALPHA = 0.5
 
 
-@dataclass
+class CovarianceSide:
+    """One side of a layer's metric: the damped covariance `S` and, computed on first use and then kept, its lower
+    Cholesky factor `L` (`L L^T = S`) and its top eigenvectors. Layers that read one input share one input side.
+
+    In float64 a failing Cholesky retries with jitter (`jittered_cholesky`); in float32 it raises at once, so that
+    the caller redoes the layer in float64.
+    """
+
+    def __init__(self, cov: torch.Tensor, factor: torch.Tensor | None = None, layer: str = "?"):
+        self.cov, self._factor, self.layer = cov, factor, layer
+        self._eigenvectors: dict[int | str, torch.Tensor] = {}
+
+    @classmethod
+    def damped(cls, cov: torch.Tensor, damping: float, layer: str, dtype: torch.dtype,
+               device: torch.device | str | None = None) -> CovarianceSide:
+        side = cls(damp(cov.to(device=device, dtype=dtype), damping, layer, dtype), layer=layer)
+        if damping == 0:
+            # Positive definite only when damped (its smallest eigenvalue is then >= damping * mean(diag S)): certify
+            # it now, so that a Cholesky jitter reaches every use of S, not only the later ones.
+            side.factor  # noqa: B018
+        return side
+
+    @property
+    def factor(self) -> torch.Tensor:
+        if self._factor is None:
+            retries = 6 if self.cov.dtype == torch.float64 else 0
+            self.cov, self._factor = jittered_cholesky(self.cov, self.layer, retries)
+        return self._factor
+
+    def top_eigenvectors(self, count: int, method: str = "auto") -> torch.Tensor:
+        """The `count` top eigenvectors; an exact `eigh` is done once and sliced for any count."""
+        method = resolve_eig_method(method, self.cov, count)
+        key = "all" if method == "eigh" else count
+        if key not in self._eigenvectors:
+            self._eigenvectors[key] = top_eigenvectors(self.cov, self.cov.shape[0] if key == "all" else count,
+                                                       self.layer, method)
+        return self._eigenvectors[key][:, :count]
+
+
 class Metric:
-    """The K-FAC metric of one layer: damped covariances and their factors `S = L L^T` (None = identity)."""
+    """The K-FAC metric of one layer: damped covariances `S = L L^T` of the input and the output gradient.
 
-    input_cov: torch.Tensor | None = None
-    grad_cov: torch.Tensor | None = None
-    input_factor: torch.Tensor | None = None
-    grad_factor: torch.Tensor | None = None
+    `Metric(input_cov, grad_cov, input_factor, grad_factor)` wraps given matrices (a factor left out is computed on
+    first use); a covariance left out is the identity. `dtype` is what the layer's decompositions compute in.
+    """
 
+    def __init__(self, input_cov: torch.Tensor | None = None, grad_cov: torch.Tensor | None = None,
+                 input_factor: torch.Tensor | None = None, grad_factor: torch.Tensor | None = None, *,
+                 dtype: torch.dtype | None = None):
+        if (input_cov is None and input_factor is not None) or (grad_cov is None and grad_factor is not None):
+            raise ValueError("a Cholesky factor needs its covariance")
+        self.input = None if input_cov is None else CovarianceSide(input_cov, input_factor)
+        self.grad = None if grad_cov is None else CovarianceSide(grad_cov, grad_factor)
+        given = [cov.dtype for cov in (input_cov, grad_cov) if cov is not None]
+        self.dtype = dtype or (given[0] if given else torch.float64)
 
-def check_choice(value: str, valid, what: str) -> str:
-    if value not in valid:
-        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
-    return value
+    @classmethod
+    def from_sides(cls, input_side: CovarianceSide | None, grad_side: CovarianceSide | None,
+                   dtype: torch.dtype) -> Metric:
+        metric = cls(dtype=dtype)
+        metric.input, metric.grad = input_side, grad_side
+        return metric
+
+    @property
+    def input_cov(self) -> torch.Tensor | None:
+        return None if self.input is None else self.input.cov
+
+    @property
+    def grad_cov(self) -> torch.Tensor | None:
+        return None if self.grad is None else self.grad.cov
+
+    @property
+    def input_factor(self) -> torch.Tensor | None:
+        return None if self.input is None else self.input.factor
+
+    @property
+    def grad_factor(self) -> torch.Tensor | None:
+        return None if self.grad is None else self.grad.factor
 
 
 def layer_metric(layer_stats, stats_mode: str = "kfac", damping: float = DEFAULT_DAMPING, layer: str = "?",
-                 device: torch.device | str | None = None) -> Metric:
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float64,
+                 input_side: CovarianceSide | None = None) -> Metric:
     """The metric `stats_mode` asks for, from a `LayerStats` (or None for `stats_mode="none"`).
 
     kfac: Sx and Sg; input: Sx only (SVD-LLM); gradient: Sg only; none: plain weight;
     asvd: diagonal input scaling `Lx = diag(diag(Sx))^(alpha / 2)` with alpha = 0.5 (ASVD), Sg = I.
+    `input_side`: the (damped) input side already built for a layer that reads the same input.
     """
     check_choice(stats_mode, STATS_MODES, "stats_mode")
     if stats_mode == "none":
-        return Metric()
+        return Metric(dtype=dtype)
     if layer_stats is None:
         raise ValueError(f"layer {layer!r}: stats_mode={stats_mode!r} needs calibration statistics, got none")
-    metric = Metric()
     if stats_mode in ("kfac", "input"):
-        metric.input_cov, metric.input_factor = whitening(layer_stats.input_cov.to(device), damping, layer)
+        input_side = input_side or CovarianceSide.damped(layer_stats.input_cov, damping, layer, dtype, device)
+    elif stats_mode == "asvd":
+        input_side = input_side or _asvd_side(layer_stats.input_cov, damping, layer, dtype, device)
+    else:
+        input_side = None
+    grad_side = None
     if stats_mode in ("kfac", "gradient"):
         if layer_stats.grad_cov is None:
             raise ValueError(f"layer {layer!r}: stats_mode={stats_mode!r} needs the output-gradient covariance; "
                              f"calibrate with need_gradients=True")
-        metric.grad_cov, metric.grad_factor = whitening(layer_stats.grad_cov.to(device), damping, layer)
-    if stats_mode == "asvd":
-        scale = damp(layer_stats.input_cov.to(device), damping, layer).diagonal()
-        metric.input_factor = torch.diag(scale ** (ASVD_ALPHA / 2))
-        metric.input_cov = torch.diag(scale ** ASVD_ALPHA)
-    return metric
+        grad_side = CovarianceSide.damped(layer_stats.grad_cov, damping, layer, dtype, device)
+    return Metric.from_sides(input_side, grad_side, dtype)
 
 
-def whitened_weight(weight: torch.Tensor, metric: Metric) -> torch.Tensor:
-    """`M = Lg^T W Lx` (fp64): its singular values squared are the K-FAC proxy's gain per kept rank."""
-    M = weight.detach().to(torch.float64)
-    if metric.grad_factor is not None:
-        M = metric.grad_factor.T @ M
-    if metric.input_factor is not None:
-        M = M @ metric.input_factor
-    return M
+def _asvd_side(cov: torch.Tensor, damping: float, layer: str, dtype: torch.dtype, device) -> CovarianceSide:
+    """ASVD's diagonal input scaling as a metric side: `S = diag(d)^alpha`, `L = diag(d)^(alpha / 2)`."""
+    scale = damp(cov.to(device=device, dtype=dtype), damping, layer, dtype).diagonal()
+    return CovarianceSide(torch.diag(scale ** ASVD_ALPHA), torch.diag(scale ** (ASVD_ALPHA / 2)), layer)
+
+
+@dataclass
+class WhitenedSVD:
+    """Thin SVD of the whitened weight `M = Lg^T W Lx` (m x n) from one eigendecomposition of its smaller Gram matrix.
+
+    `values`: the min(m, n) singular values, descending. `side`: "input" when the Gram matrix is `M^T M` (n x n,
+    n <= m), "output" when it is `M M^T` (m x m); `gram_vectors`: its eigenvectors in the order of `values` (`V_M`
+    or `U_M`), None when only the values were computed.
+    """
+
+    values: torch.Tensor
+    side: str
+    gram_vectors: torch.Tensor | None = None
+
+
+def whitened_svd(weight: torch.Tensor, metric: Metric, layer: str = "?", vectors: bool = True) -> WhitenedSVD:
+    """Singular values (and with `vectors` the singular vectors of the smaller side) of `M = Lg^T W Lx`.
+
+    The Gram matrix needs the Cholesky factor of that side only: `M^T M = Lx^T (W^T Sg W) Lx` (n <= m), else
+    `M M^T = Lg^T (W Sx W^T) Lg`; `s = sqrt(max(eigenvalue, 0))`. Squaring costs accuracy only in singular values
+    far below the largest (below about sqrt(eps) of it), whose gains are negligible in the allocation.
+    """
+    W = weight.detach().to(metric.dtype)
+    m, n = W.shape
+    if n <= m:
+        inner = W.T @ (W if metric.grad is None else metric.grad_cov @ W)
+        factor, side = metric.input_factor, "input"
+    else:
+        inner = W @ (W.T if metric.input is None else metric.input_cov @ W.T)
+        factor, side = metric.grad_factor, "output"
+    gram = inner if factor is None else factor.T @ inner @ factor
+    gram = (gram + gram.T) / 2
+    check_finite(gram, "Gram matrix of the whitened weight", layer)
+    if vectors:
+        eigenvalues, gram_vectors = torch.linalg.eigh(gram)
+        gram_vectors = gram_vectors.flip(-1)
+    else:
+        eigenvalues, gram_vectors = torch.linalg.eigvalsh(gram), None
+    return WhitenedSVD(eigenvalues.flip(-1).clamp_min(0).sqrt(), side, gram_vectors)
 
 
 def spectrum(weight: torch.Tensor, metric: Metric, layer: str = "?") -> torch.Tensor:
-    """Singular values of the whitened weight, descending (fp64)."""
-    M = whitened_weight(weight, metric)
-    check_finite(M, "whitened weight", layer)
-    return torch.linalg.svdvals(M)
+    """Singular values of the whitened weight, descending (the metric's dtype)."""
+    return whitened_svd(weight, metric, layer, vectors=False).values
 
 
 def _unwhiten(vectors: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
@@ -82,6 +193,34 @@ def _unwhiten(vectors: torch.Tensor, factor: torch.Tensor | None) -> torch.Tenso
     if factor is None:
         return vectors
     return torch.linalg.solve_triangular(factor.T, vectors, upper=True)
+
+
+def weight_bases(weight: torch.Tensor, metric: Metric, svd: WhitenedSVD,
+                 layer: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
+    """All min(m, n) weight directions in the original space, `Ua = Lg^{-T} U_M` (m x k) and `Va = Lx^{-T} V_M`.
+
+    The side that was not decomposed follows from the other without its Cholesky factor: `U_M = M V_M / s` gives
+    `Ua = W Lx V_M / s`, and `V_M = M^T U_M / s` gives `Va = W^T Lg U_M / s`. Singular values are floored at
+    `eps * s_max` in that division: directions with s ~ 0 (last in order) stay finite, carry no weight, and the
+    union replaces them if they are dependent.
+    """
+    if svd.gram_vectors is None:
+        raise ValueError(f"layer {layer!r}: the whitened SVD was computed without vectors")
+    W = weight.detach().to(metric.dtype)
+    s = svd.values
+    floor = max(float(s[0]) * torch.finfo(s.dtype).eps, torch.finfo(s.dtype).tiny)
+    inverse = 1 / s.clamp_min(floor)
+    if svd.side == "input":
+        factor = metric.input_factor
+        right = _unwhiten(svd.gram_vectors, factor)
+        left = (W @ (svd.gram_vectors if factor is None else factor @ svd.gram_vectors)) * inverse
+    else:
+        factor = metric.grad_factor
+        left = _unwhiten(svd.gram_vectors, factor)
+        right = (W.T @ (svd.gram_vectors if factor is None else factor @ svd.gram_vectors)) * inverse
+    check_finite(left, "weight subspace", layer)
+    check_finite(right, "weight subspace", layer)
+    return left, right
 
 
 def task_directions(rank: int, rho: float) -> int:
@@ -92,33 +231,32 @@ def task_directions(rank: int, rho: float) -> int:
 
 
 def union_subspace(weight: torch.Tensor, metric: Metric, rank: int, rho: float = 0.25,
-                   weight_basis: str = "whitened", layer: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
+                   weight_basis: str = "whitened", layer: str = "?", svd: WhitenedSVD | None = None,
+                   eig_method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal bases `U` (m x r) and `V` (n x r) of the task-aware union (METHOD.md section 2).
 
-    Weight directions: top singular vectors of the whitened weight mapped back (or of `W` for `plain`). Task
-    directions: top-b eigenvectors of Sg (output side) and Sx (input side); a side without statistics takes weight
-    directions only. Dependent directions are replaced by the next weight directions, so each basis has `rank` columns.
+    Weight directions: top singular vectors of the whitened weight mapped back (or of `W` for `plain`); `svd` is a
+    precomputed `whitened_svd` with vectors. Task directions: top-b eigenvectors of Sg (output side) and Sx (input
+    side), by `eig_method` (`top_eigenvectors`); a side without statistics takes weight directions only. Dependent
+    directions are replaced by the next weight directions, so each basis has `rank` columns.
     """
     check_choice(weight_basis, WEIGHT_BASES, "weight_basis")
     m, n = weight.shape
     if not 0 < rank <= min(m, n):
         raise ValueError(f"layer {layer!r}: rank {rank} outside [1, {min(m, n)}] for a {m}x{n} weight")
     b = task_directions(rank, rho)
-    if weight_basis == "whitened":
-        left, _, right_h = torch.linalg.svd(whitened_weight(weight, metric), full_matrices=False)
-        left, right = _unwhiten(left, metric.grad_factor), _unwhiten(right_h.T, metric.input_factor)
-    else:
-        left, _, right_h = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
-        right = right_h.T
-    check_finite(left, "weight subspace", layer)
+    basis_metric = metric if weight_basis == "whitened" else Metric(dtype=metric.dtype)
+    if svd is None or weight_basis == "plain":
+        svd = whitened_svd(weight, basis_metric, layer)
+    left, right = weight_bases(weight, basis_metric, svd, layer)
 
-    def side(weight_dirs: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:
-        count = b if cov is not None else 0
-        task = top_eigenvectors(cov, count, layer) if count else weight_dirs[:, :0]
+    def union(weight_dirs: torch.Tensor, side: CovarianceSide | None) -> torch.Tensor:
+        count = b if side is not None else 0
+        task = side.top_eigenvectors(count, eig_method) if count else weight_dirs[:, :0]
         a = rank - count
         return orthonormal_union(torch.cat([weight_dirs[:, :a], task, weight_dirs[:, a:]], dim=1), rank)
 
-    return side(left, metric.grad_cov), side(right, metric.input_cov)
+    return union(left, metric.grad), union(right, metric.input)
 
 
 def projected_core(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, metric: Metric) -> torch.Tensor:
@@ -127,8 +265,8 @@ def projected_core(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, metri
     Solved with Cholesky solves, never explicit inverses; with identity statistics (and orthonormal U, V) it is
     `U^T W V`.
     """
-    W = weight.detach().to(torch.float64)
-    U, V = U.to(torch.float64), V.to(torch.float64)
+    W = weight.detach().to(metric.dtype)
+    U, V = U.to(metric.dtype), V.to(metric.dtype)
     SgU = U if metric.grad_cov is None else metric.grad_cov @ U
     SxV = V if metric.input_cov is None else metric.input_cov @ V
     core = SgU.T @ W @ SxV
@@ -140,9 +278,10 @@ def projected_core(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, metri
 
 
 def factorize_layer(weight: torch.Tensor, metric: Metric, rank: int, rho: float = 0.25,
-                    weight_basis: str = "whitened", layer: str = "?"):
-    """`(U, C, V)` in fp64 with `U C V^T` the JACTUS approximation of `weight` at `rank`."""
-    U, V = union_subspace(weight, metric, rank, rho, weight_basis, layer)
+                    weight_basis: str = "whitened", layer: str = "?", svd: WhitenedSVD | None = None,
+                    eig_method: str = "auto"):
+    """`(U, C, V)` in the metric's dtype with `U C V^T` the JACTUS approximation of `weight` at `rank`."""
+    U, V = union_subspace(weight, metric, rank, rho, weight_basis, layer, svd, eig_method)
     core = projected_core(weight, U, V, metric)
     check_finite(core, "projected core", layer)
     return U, core, V
