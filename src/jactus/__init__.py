@@ -8,6 +8,7 @@ from .core import (
     RankPlan,
     apply_rank_map,
     calibrate,
+    compress_model,
     count_params,
     factorize,
     find_targets,
@@ -19,5 +20,6 @@ from .core import (
 
 __all__ = [
     "CalibrationStats", "FactorizedLinear", "LayerStats", "LowRankLinear", "RankPlan", "apply_rank_map", "calibrate",
-    "count_params", "factorize", "find_targets", "load_compact", "plan_ranks", "save_compact", "warmup_head",
+    "compress_model", "count_params", "factorize", "find_targets", "load_compact", "plan_ranks", "save_compact",
+    "warmup_head",
 ]

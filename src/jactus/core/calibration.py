@@ -5,8 +5,11 @@ tokens, e.g. every ViT patch token):
 
     Sx = (1/T) sum_t x_t x_t^T        Sg = (1/T) sum_t g_t g_t^T,   g_t = dL/dy_t
 
-Each batch adds one fp32 GEMM `X^T X` (on the compute device) into fp64 running sums, divided by the token count at
-the end. Layers that read the same input tensor (q/k/v, gate/up) share one `Sx`, stored once.
+Each batch adds one GEMM `X^T X` with fp32 accumulation (on the compute device) into running sums of `stats_dtype`
+(float64 by default, METHOD.md), divided by the token count at the end. float32 sums halve the memory of the
+statistics (what a 7B model needs on one GPU): a float32 sum of float32 GEMM partials keeps a relative error around
+1e-6 over thousands of batches, far below the 1e-2 relative damping every decomposition adds. Layers that read the
+same input tensor (q/k/v, gate/up) share one `Sx`, stored once.
 
 Batch-size independence of Sg: `loss_fn` usually returns a per-batch *mean*, so `dL/dy` carries a factor
 `1 / N_b` that depends on how the data is split into batches. Each batch's gradients are therefore multiplied by
@@ -38,11 +41,12 @@ from .targets import find_targets
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 STATS_FORMAT = "jactus-calibration-v1"
+STATS_DTYPES = (torch.float64, torch.float32)
 
 
 @dataclass
 class LayerStats:
-    """Statistics of one target: `input_cov` (n x n fp64), `grad_cov` (m x m fp64, None without gradients)."""
+    """Statistics of one target: `input_cov` (n x n), `grad_cov` (m x m, None without gradients), in `stats_dtype`."""
 
     input_cov: torch.Tensor
     grad_cov: torch.Tensor | None
@@ -114,15 +118,20 @@ def calibrate(
     device: torch.device | str | None = None,
     progress: bool = True,
     loss_normalizer: Callable[[Any], float] | None = None,
+    stats_dtype: torch.dtype = torch.float64,
+    groups: Sequence[Sequence[str]] | None = None,
 ) -> CalibrationStats:
     """One calibration pass (or one per memory group) -> `CalibrationStats`.
 
     `batches` is a re-iterable (list, DataLoader) of batches, `loss_fn(model, batch)` the task loss; `targets` are
     patterns for `find_targets` (None: its defaults) or a `{name: nn.Linear}` dict. Batches are moved to `device`
-    (default: the model's device; the model itself is not moved). With `max_stats_bytes`, targets are split into
-    groups whose fp64 statistics fit, and the pass is repeated per group (same result as one pass). Under an
-    initialised `torch.distributed`, sums and token counts are all-reduced, so every rank gets identical statistics.
+    (default: the model's device; the model itself is not moved). Running sums are kept in `stats_dtype` (float64 or
+    float32, see the module docstring). With `max_stats_bytes`, targets are split into groups whose statistics fit,
+    and the pass is repeated per group (same result as one pass). `groups`: the targets' shared-input groups when
+    already known (`input_groups`), which skips the forward that finds them. Under an initialised
+    `torch.distributed`, sums and token counts are all-reduced, so every rank gets identical statistics.
     """
+    check_stats_dtype(stats_dtype)
     modules = dict(targets) if isinstance(targets, Mapping) else find_targets(model, targets)
     if device is None:
         first_param = next(model.parameters(), None)
@@ -143,8 +152,10 @@ def calibrate(
     for param, _ in flags:
         param.requires_grad_(False)
     try:
-        groups = _input_groups(model, modules, _to_device(first, device), loss_fn)
-        passes = _split_passes(groups, modules, need_gradients, max_stats_bytes)
+        if groups is None:
+            groups = input_groups(model, modules, _to_device(first, device), loss_fn)
+        groups = _check_groups(groups, modules)
+        passes = split_passes(groups, modules, need_gradients, max_stats_bytes, stats_dtype)
         if len(passes) > 1 and one_shot:
             raise ValueError(f"the statistics need {len(passes)} calibration passes under max_stats_bytes="
                              f"{max_stats_bytes}, but `batches` is a one-shot iterator; pass a list or DataLoader")
@@ -153,7 +164,7 @@ def calibrate(
             source = itertools.chain([first], iterator) if index == 0 else iter(batches)
             layers.update(_calibration_pass(
                 model, modules, pass_groups, source, loss_fn, device=device, stats_device=stats_device,
-                mask_key=mask_key, need_gradients=need_gradients, normalizer=normalizer,
+                stats_dtype=stats_dtype, mask_key=mask_key, need_gradients=need_gradients, normalizer=normalizer,
                 progress=progress, desc=f"calibration {index + 1}/{len(passes)}",
                 total=len(batches) if hasattr(batches, "__len__") else None))
     finally:
@@ -161,6 +172,20 @@ def calibrate(
             param.requires_grad_(flag)
         model.train(was_training)
     return CalibrationStats({name: layers[name] for name in modules}, [g for g in groups if len(g) > 1])
+
+
+def check_stats_dtype(stats_dtype) -> torch.dtype:
+    if stats_dtype not in STATS_DTYPES:
+        raise ValueError(f"stats_dtype={stats_dtype!r}: expected torch.float64 or torch.float32")
+    return stats_dtype
+
+
+def _check_groups(groups: Sequence[Sequence[str]], modules: Mapping[str, nn.Linear]) -> list[list[str]]:
+    groups = [list(group) for group in groups]
+    names = [name for group in groups for name in group]
+    if sorted(names) != sorted(modules) or any(not group for group in groups):
+        raise ValueError(f"groups {groups[:4]} must hold every target exactly once; targets: {list(modules)[:8]}")
+    return groups
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -178,8 +203,8 @@ def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["input"]
 
 
-def _input_groups(model: nn.Module, modules: Mapping[str, nn.Linear], batch: Any, loss_fn: LossFn) -> list[list[str]]:
-    """Groups of targets that read the very same input tensor, found in one gradient-free forward.
+def input_groups(model: nn.Module, modules: Mapping[str, nn.Linear], batch: Any, loss_fn: LossFn) -> list[list[str]]:
+    """Groups of targets that read the very same input tensor, found in one gradient-free forward of `batch`.
 
     Each group is in call order (its first member, the leader, accumulates the shared covariance); targets never
     called get a group of their own (they fail later for lack of tokens).
@@ -215,15 +240,22 @@ def _input_groups(model: nn.Module, modules: Mapping[str, nn.Linear], batch: Any
     return groups
 
 
-def _split_passes(groups: list[list[str]], modules: Mapping[str, nn.Linear], need_gradients: bool,
-                  max_stats_bytes: int | None) -> list[list[list[str]]]:
-    """Pack input groups into passes whose fp64 statistics (n^2 once per group, m^2 per layer) fit the budget."""
+def stats_bytes(group: Sequence[str], modules: Mapping[str, nn.Linear], need_gradients: bool,
+                stats_dtype: torch.dtype = torch.float64) -> int:
+    """Bytes of one shared-input group's statistics: `n^2` once, `m^2` per layer with gradients."""
+    n = modules[group[0]].in_features
+    entries = n * n + (sum(modules[name].out_features ** 2 for name in group) if need_gradients else 0)
+    return entries * torch.empty(0, dtype=stats_dtype).element_size()
+
+
+def split_passes(groups: list[list[str]], modules: Mapping[str, nn.Linear], need_gradients: bool,
+                 max_stats_bytes: int | None, stats_dtype: torch.dtype = torch.float64) -> list[list[list[str]]]:
+    """Pack input groups, in order, into passes whose statistics (`stats_bytes`) fit `max_stats_bytes`."""
     if max_stats_bytes is None:
         return [groups]
 
     def size(group: list[str]) -> int:
-        n = modules[group[0]].in_features
-        return 8 * (n * n + (sum(modules[name].out_features ** 2 for name in group) if need_gradients else 0))
+        return stats_bytes(group, modules, need_gradients, stats_dtype)
 
     passes: list[list[list[str]]] = [[]]
     used = 0
@@ -252,12 +284,25 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _calibration_pass(model, modules, groups, batches, loss_fn, *, device, stats_device, mask_key, need_gradients,
-                      normalizer, progress, desc, total) -> dict[str, LayerStats]:
+def _second_moment(rows: torch.Tensor) -> torch.Tensor:
+    """`rows^T rows` accumulated and returned in fp32.
+
+    On CUDA, half-precision rows go through a half-precision GEMM with fp32 accumulation and output: the product of
+    two bf16/fp16 numbers is exact in fp32, so this equals the fp32 GEMM of the upcast rows up to summation order,
+    at the tensor-core rate (an fp32 GEMM of a 7B model's statistics costs more than its forward and backward).
+    """
+    if rows.is_cuda and rows.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(rows.T, rows, out_dtype=torch.float32)
+    rows = rows.float()
+    return rows.T @ rows
+
+
+def _calibration_pass(model, modules, groups, batches, loss_fn, *, device, stats_device, stats_dtype, mask_key,
+                      need_gradients, normalizer, progress, desc, total) -> dict[str, LayerStats]:
     leader_of = {name: group[0] for group in groups for name in group}
-    input_sums = {g[0]: torch.zeros(modules[g[0]].in_features, modules[g[0]].in_features, dtype=torch.float64,
+    input_sums = {g[0]: torch.zeros(modules[g[0]].in_features, modules[g[0]].in_features, dtype=stats_dtype,
                                     device=stats_device) for g in groups}
-    grad_sums = {name: torch.zeros(modules[name].out_features, modules[name].out_features, dtype=torch.float64,
+    grad_sums = {name: torch.zeros(modules[name].out_features, modules[name].out_features, dtype=stats_dtype,
                                    device=stats_device) for name in leader_of} if need_gradients else {}
     tokens = {name: 0 for name in leader_of}
     state: dict[str, Any] = {"mask": None, "mask_count": None, "scale": 1.0, "inputs": {}}
@@ -273,8 +318,7 @@ def _calibration_pass(model, modules, groups, batches, loss_fn, *, device, stats
         scale_sq = float(state["scale"]) ** 2
 
         def accumulate(grad):
-            g = select(grad).float()
-            grad_sums[name].add_((g.T @ g).to(stats_device, torch.float64), alpha=scale_sq)
+            grad_sums[name].add_(_second_moment(select(grad)).to(stats_device, stats_dtype), alpha=scale_sq)
         return accumulate
 
     def forward_hook(name):
@@ -284,8 +328,7 @@ def _calibration_pass(model, modules, groups, batches, loss_fn, *, device, stats
             x = _layer_input(args, kwargs).detach()  # downstream inputs carry the activation graph: keep it out
             if name == leader:
                 state["inputs"][name] = _layer_input(args, kwargs)
-                xs = select(x).float()
-                input_sums[name].add_((xs.T @ xs).to(stats_device, torch.float64))
+                input_sums[name].add_(_second_moment(select(x)).to(stats_device, stats_dtype))
             elif state["inputs"].get(leader) is not _layer_input(args, kwargs):
                 raise RuntimeError(f"layer {name!r} no longer reads the same input as {leader!r}; input sharing "
                                    f"must not change between batches")
