@@ -377,7 +377,8 @@ def plot_rank_heatmap(summaries: list[dict], path) -> Path | None:
             if rank is not None:
                 grid[i, j] = rank
     labels = [f"{row_label(s)} · {s['data']} · s{s.get('seed')}" for s in runs]
-    fig = _figure(min(24, max(6.0, 2.5 + 0.18 * len(layers))), 1.2 + 0.3 * len(runs))
+    names_height = 0.06 * max(len(name) for name in layers)  # the layer names stand vertically under the grid
+    fig = _figure(min(24, max(6.0, 2.5 + 0.18 * len(layers))), 1.2 + 0.3 * len(runs) + names_height)
     ax = fig.subplots()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, interpolation="nearest")
