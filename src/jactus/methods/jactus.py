@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
-from ..core import apply_rank_map, calibrate, factorize, fold_factorized, plan_ranks
+from ..core import apply_rank_map, compress_model, fold_factorized
 from .base import Method, MethodContext, check_budget, choice, register, train_cores
 
 ALLOCATORS = ("marginal_gain", "uniform", "energy")
 SCOPES = ("model", "targets")
 STATS_MODES = ("kfac", "input", "gradient", "none", "asvd")
 WEIGHT_BASES = ("whitened", "plain")
+STATS_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 @register("jactus")
@@ -20,7 +22,9 @@ class Jactus(Method):
     """Joint adaptation and compression with a task-aware union of subspaces (METHOD.md sections 1-5).
 
     The ablations of the paper are knobs: `rho=0` (weight subspace only), `weight_basis=plain`,
-    `allocator=uniform`, `stats_mode=input` (Sg = I) or `gradient` (Sx = I).
+    `allocator=uniform`, `stats_mode=input` (Sg = I) or `gradient` (Sx = I). Compression runs through the
+    memory-bounded `compress_model`: `max_stats_bytes` bounds the statistics held at once, `stats_dtype` is the
+    dtype of their running sums ("float64", or "float32" for half the memory).
     """
 
     compresses = True
@@ -38,6 +42,7 @@ class Jactus(Method):
         targets: Sequence[str] | None = None,
         max_stats_bytes: int | None = None,
         mask_key: str = "attention_mask",
+        stats_dtype: str = "float64",
     ):
         self._budget = check_budget(budget, "jactus")
         self.scope = choice(scope, SCOPES, "budget.scope")
@@ -53,7 +58,9 @@ class Jactus(Method):
         self.rank_multiple, self.rho, self.damping = int(rank_multiple), float(rho), float(damping)
         self.targets = list(targets) if targets else None
         self.max_stats_bytes, self.mask_key = max_stats_bytes, mask_key
+        self.stats_dtype = STATS_DTYPES[choice(stats_dtype, list(STATS_DTYPES), "calib.stats_dtype")]
         self.plan = None
+        self.compress_stats: dict | None = None
         self.head_names: list[str] = []
 
     @property
@@ -63,38 +70,28 @@ class Jactus(Method):
     def apply(self, ctx: MethodContext) -> nn.Module:
         if ctx.calibration_batches is None:
             raise ValueError("jactus needs calibration batches (the datamodule's calibration_dataloader())")
-        stats = calibrate(
+        self.head_names = list(ctx.head_names)
+        model, self.plan = compress_model(
             ctx.model,
             ctx.calibration_batches,
             ctx.loss_fn,
-            targets=self.targets,
-            mask_key=self.mask_key,
-            need_gradients=self.stats_mode in ("kfac", "gradient"),
-            max_stats_bytes=self.max_stats_bytes,
-            device=ctx.device,
-        )
-        self.plan = plan_ranks(
-            ctx.model,
-            stats,
             self.budget,
+            targets=self.targets,
             allocator=self.allocator,
             scope=self.scope,
             rank_multiple=self.rank_multiple,
-            stats_mode=self.stats_mode,
-            damping=self.damping,
-            targets=self.targets,
-        )
-        self.head_names = list(ctx.head_names)
-        return factorize(
-            ctx.model,
-            stats,
-            self.plan,
             rho=self.rho,
             weight_basis=self.weight_basis,
             stats_mode=self.stats_mode,
             damping=self.damping,
+            max_stats_bytes=self.max_stats_bytes,
+            stats_dtype=self.stats_dtype,
+            mask_key=self.mask_key,
             head_names=ctx.head_names,
+            device=ctx.device,
         )
+        self.compress_stats = model.jactus_compress_stats
+        return model
 
     def export(self, model: nn.Module) -> nn.Module:
         """Fold every core into its left factor (U <- U C): the deployed (m + n) r layers."""
@@ -129,4 +126,5 @@ class Jactus(Method):
                 "rank_max": max(ranks) if ranks else None,
             },
             "plan_ratio": self.plan.ratio,
+            **({"compress_stats": self.compress_stats} if self.compress_stats else {}),
         }
