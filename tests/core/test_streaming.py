@@ -31,8 +31,8 @@ def factors(model):
     return {name: (m.U, m.C, m.V) for name, m in model.named_modules() if isinstance(m, FactorizedLinear)}
 
 
-@pytest.mark.parametrize("family,offload", [("llama", True), ("vit", False)])
-def test_streaming_equals_one_shot(family, offload, tiny_llama, tiny_vit, lm_data, vision_batches, losses):
+@pytest.mark.parametrize("family,memory", [("llama", {"offload_to_cpu": True}), ("vit", {"park_layers_on_cpu": True})])
+def test_streaming_equals_one_shot(family, memory, tiny_llama, tiny_vit, lm_data, vision_batches, losses):
     model, batches, loss, probe = setup(family, tiny_llama, tiny_vit, lm_data, vision_batches, losses)
     head = ["head"] if family == "vit" else []
     reference = _copy(model)
@@ -47,7 +47,7 @@ def test_streaming_equals_one_shot(family, offload, tiny_llama, tiny_vit, lm_dat
         return loss(m, batch)
     max_bytes, passes = CASES[family]
     streamed, streamed_plan = compress_model(model, batches, counting, 0.7, rank_multiple=2, head_names=head,
-                                             max_stats_bytes=max_bytes, offload_to_cpu=offload, progress=False)
+                                             max_stats_bytes=max_bytes, progress=False, **memory)
     assert streamed is model and streamed_plan == plan
     info = model.jactus_compress_stats
     assert info["passes"] == passes and max(info["pass_stats_bytes"]) <= max_bytes

@@ -13,7 +13,7 @@
 Nothing is swapped into the model before every pass is done, so each calibration sees the dense model and the result
 equals one `calibrate -> plan_ranks -> factorize` over all layers. Cost: P calibration passes in phase 1 and P - 1 in
 phase 2; memory: the model, one pass's statistics, the decompositions of one shared-input group, and the layers built
-so far (on the CPU with `offload_to_cpu`).
+so far (on the CPU with `park_layers_on_cpu`).
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def compress_model(
     compute_dtype: str | torch.dtype = "auto",
     eig_method: str = "auto",
     offload_to_cpu: bool = False,
+    park_layers_on_cpu: bool = False,
     mask_key: str = "attention_mask",
     head_names: Sequence[str] = (),
     device: torch.device | str | None = None,
@@ -95,7 +96,9 @@ def compress_model(
 
     Arguments are those of `calibrate`, `plan_ranks` and `factorize`. `max_stats_bytes` bounds the statistics held at
     once (bytes per element follow `stats_dtype`; None: one pass); `offload_to_cpu` keeps the running sums in host
-    memory and parks built layers on the CPU until the swap; decompositions run on the weights' device in
+    memory (slow on a GPU: every batch's `X^T X` crosses PCIe) and implies `park_layers_on_cpu`, which keeps built
+    layers on the CPU until the swap (cheap: each crosses once each way), so that phase 2's recalibrations do not
+    hold them on the device; decompositions run on the weights' device in
     `compute_dtype` with `eig_method` for the task directions (see `Decompositions`). A list of budgets gives a list
     of `(model, plan)` from the same passes, one copy of the dense model per extra budget (the last budget's model
     is `model` itself). `model.jactus_compress_stats` records the passes, their statistics' bytes, seconds per stage
@@ -176,7 +179,8 @@ def compress_model(
         with clock("phase2_factorize"):
             linears = {name: modules[name] for group in passes[index] for name in group}
             for layers, new in zip(built, build_layers(decompositions, linears, [plan.ranks for plan in plans], rho,
-                                                       weight_basis, release=done, park_on_cpu=offload_to_cpu,
+                                                       weight_basis, release=done,
+                                                       park_on_cpu=offload_to_cpu or park_layers_on_cpu,
                                                        progress=False), strict=True):
                 layers.update(new)
         fallbacks += decompositions.fp64_fallbacks
