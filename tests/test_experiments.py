@@ -48,9 +48,12 @@ def _override(defaults, group: str) -> str:
 
 
 def variant_row(name: str) -> tuple[str, float | None]:
-    """(method, budget.ratio or None) that conf/variant/<name>.yaml sets: the table row it stands for."""
+    """(method label, budget.ratio or None) that conf/variant/<name>.yaml sets: the table row it stands for.
+
+    The label is the variant's `method_label` where it sets one (zero_shot runs linear_probe with no steps)."""
     variant = OmegaConf.load(CONF / "variant" / f"{name}.yaml")
-    return _override(variant.defaults, "method"), OmegaConf.select(variant, "budget.ratio")
+    label = variant.get("method_label") or _override(variant.defaults, "method")
+    return label, OmegaConf.select(variant, "budget.ratio")
 
 
 def jactus_train(args: list[str], log: Path) -> None:

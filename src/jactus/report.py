@@ -75,9 +75,12 @@ def _as_paths(dirs) -> list[Path]:
 
 
 def row_label(summary: dict) -> str:
-    """The table row of a run: its method, with "@budget" for methods that compress to a budget."""
+    """The table row of a run: its method, with "@budget" for methods that compress to a budget.
+
+    Three significant digits: a budget asked for reads as given (0.8), a measured ratio (CERSA at a fixed spectral
+    energy reports the ratio it gave) does not spell out every digit."""
     budget = summary.get("budget")
-    return summary["method"] if budget is None else f"{summary['method']}@{budget:g}"
+    return summary["method"] if budget is None else f"{summary['method']}@{budget:.3g}"
 
 
 def _status(summary: dict) -> str:
