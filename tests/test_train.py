@@ -58,6 +58,18 @@ def test_jactus_run_meets_budget(family, compose_cfg, tmp_path):
     assert (tmp_path / "run" / "compact" / "rank_map.json").is_file()
 
 
+@pytest.mark.parametrize("family,val_override", [("vision", "data.module.val_size=16"),
+                                                  ("qa", "data.module.val_per_task=8")])
+def test_validation_split_metrics(family, val_override, compose_cfg, tmp_path):
+    """A validation split adds val/* metrics (what learning-rate searches select on); without one there are none."""
+    overrides = TINY[family] + FAST + ["method=linear_probe"]
+    _, with_val = run_train(compose_cfg, overrides + [val_override], tmp_path / "with")
+    _, without = run_train(compose_cfg, overrides, tmp_path / "without")
+    assert 0.0 <= with_val["metrics"]["val/acc"] <= 100.0
+    assert "test/acc" in with_val["metrics"]
+    assert not any(key.startswith("val/") for key in without["metrics"])
+
+
 def test_model_data_mismatch_fails_early(compose_cfg, tmp_path):
     from jactus.train import train
 

@@ -68,6 +68,7 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
     if cfg.test:
         results = trainer.test(run.module, datamodule=run.datamodule, verbose=False)
         metrics = {k: float(v) for k, v in (results[0] if results else {}).items() if k.startswith("test/")}
+        metrics.update(_validate(trainer, run))
 
     deployed = method.export(run.module.model)
     summary.update(
@@ -93,6 +94,19 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
         _log_to_loggers(trainer, summary)
         _print_before_after(summary)
     return summary
+
+
+def _validate(trainer: L.Trainer, run) -> dict[str, float]:
+    """`val/*` metrics of the trained model when the data has a validation split (`data.module.val_size`,
+    `val_per_task`): what learning-rate searches select on, so the test split is never used to choose.
+
+    Fitting runs without a validation loop (trainer.limit_val_batches=0), so the split is evaluated once here."""
+    if len(run.datamodule.val_dataloader().dataset) == 0:
+        return {}
+    if not trainer.limit_val_batches:
+        trainer.limit_val_batches = 1.0
+    results = trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
+    return {k: float(v) for k, v in (results[0] if results else {}).items() if k.startswith("val/")}
 
 
 def _log_to_loggers(trainer: L.Trainer, summary: dict) -> None:
