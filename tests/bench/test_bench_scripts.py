@@ -17,11 +17,17 @@ pytestmark = pytest.mark.slow
 def test_compress_llama_toy(tmp_path):
     import compress_llama
 
-    record = compress_llama.main(["--scale", "toy", "--no-floor", "--out", str(tmp_path / "c.json")])
+    record = compress_llama.main(["--scale", "toy", "--no-floor", "--max-stats-gb", "0.003", "--out",
+                                  str(tmp_path / "c.json")])
     assert record["scale"] == "toy-scale"
-    assert {"calibrate", "plan_ranks", "factorize"} <= set(record["stages_s"])
+    assert {"phase1_calibrate", "phase1_spectra", "plan", "phase2_calibrate", "phase2_factorize", "swap"} == \
+        set(record["stages_s"])
+    assert record["passes"] > 1 and max(record["pass_stats_gb"]) <= 0.003
     assert record["wall_s"] > 0 and "by_op" in record["linalg"]
     assert 0.7 < record["plan"]["ratio"] <= 0.8
+    estimate = record["gpu_estimate"]
+    assert "not a measurement" in estimate["label"] and estimate["passes"] >= 2
+    assert estimate["wall_s"] == round(sum(estimate["seconds"].values()), 1)
 
 
 def test_train_throughput_toy(tmp_path):
