@@ -116,7 +116,8 @@ def top_eigenvectors(cov: torch.Tensor, count: int, layer: str = "?", method: st
 
     method: `eigh` (exact), `subspace` (subspace iteration: `Q = qr(S Q)` from a seeded random start with
     `SUBSPACE_OVERSAMPLE` extra columns, `SUBSPACE_ITERATIONS` times, then Rayleigh-Ritz to order the columns; accurate
-    when the spectrum has a gap after the wanted eigenvalues), `auto` (`resolve_eig_method`).
+    when the spectrum has a gap after the wanted eigenvalues; the exact `eigh` when the oversampled block would
+    reach the dimension), `auto` (`resolve_eig_method`).
     """
     check_finite(cov, "covariance", layer)
     method = resolve_eig_method(method, cov, count)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,7 +90,7 @@ def compress_model(
     head_names: Sequence[str] = (),
     device: torch.device | str | None = None,
     progress: bool = True,
-    loss_normalizer=None,
+    loss_normalizer: Callable[[Any], float] | None = None,
 ) -> tuple[nn.Module, RankPlan] | list[tuple[nn.Module, RankPlan]]:
     """Compress `model` to `budget` in bounded memory (module docstring) -> `(model, plan)`, the model changed in
     place with the freeze policy of `factorize(freeze=True)`.
@@ -98,8 +99,8 @@ def compress_model(
     once (bytes per element follow `stats_dtype`; None: one pass); `offload_to_cpu` keeps the running sums in host
     memory (slow on a GPU: every batch's `X^T X` crosses PCIe) and implies `park_layers_on_cpu`, which keeps built
     layers on the CPU until the swap (cheap: each crosses once each way), so that phase 2's recalibrations do not
-    hold them on the device; decompositions run on the weights' device in
-    `compute_dtype` with `eig_method` for the task directions (see `Decompositions`). A list of budgets gives a list
+    hold them on the device. Decompositions run on the weights' device in `compute_dtype`, with `eig_method` for
+    the task directions (see `Decompositions`). `batches` must be re-iterable. A list of budgets gives a list
     of `(model, plan)` from the same passes, one copy of the dense model per extra budget (the last budget's model
     is `model` itself). `model.jactus_compress_stats` records the passes, their statistics' bytes, seconds per stage
     and the layers redone in float64.
