@@ -4,14 +4,17 @@ to the dense model, at several budgets, from ONE calibration.
     python experiments/no_finetune/run.py model=dinov2_small data=fashion_mnist
     python experiments/no_finetune/run.py model=smollm2_135m data=arc_e
 
-Rows: plain SVD truncation (uniform ranks, no statistics) vs JACTUS (K-FAC whitening, marginal-gain allocator) with
-rho = 0 and rho = 0.25. Writes results.json and results.md next to this file under <model>_<data>/.
-Any jactus-train override applies (data sizes, calib.num_samples, ...).
+Rows, one calibration for all of them: plain SVD truncation (uniform ranks, no statistics); SVD-LLM (input
+whitening, uniform ranks: compress-then-adapt's starting point); K-FAC whitening with uniform ranks (the metric
+alone); JACTUS with the marginal-gain allocator at rho = 0 and at rho = 0.25 (the default). Writes results.json and
+results.md next to this file under <model>_<data>/. Any jactus-train override applies (data sizes,
+calib.num_samples, ...).
 """
 
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import sys
 import time
@@ -25,10 +28,14 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from jactus.core import calibrate, factorize, plan_ranks  # noqa: E402
 from jactus.lit.base import _to_device  # noqa: E402
+from jactus.summary import git_sha  # noqa: E402
 from jactus.utils.run import build_run  # noqa: E402
 
 VARIANTS = {
     "plain SVD, uniform": dict(stats_mode="none", allocator="uniform", rho=0.0, weight_basis="plain"),
+    "SVD-LLM (input whitening), uniform": dict(stats_mode="input", allocator="uniform", rho=0.0,
+                                               weight_basis="whitened"),
+    "K-FAC whitening, uniform": dict(stats_mode="kfac", allocator="uniform", rho=0.0, weight_basis="whitened"),
     "JACTUS rho=0 (K-FAC, marginal gain)": dict(stats_mode="kfac", allocator="marginal_gain", rho=0.0,
                                                 weight_basis="whitened"),
     "JACTUS rho=0.25": dict(stats_mode="kfac", allocator="marginal_gain", rho=0.25, weight_basis="whitened"),
@@ -71,8 +78,9 @@ def main(overrides: list[str]) -> None:
             print(rows[-1], flush=True)
     out_dir = Path(__file__).parent / f"{cfg.model.name}_{cfg.data.name}"
     out_dir.mkdir(exist_ok=True)
-    record = {"command": "python experiments/no_finetune/run.py " + " ".join(overrides), "date": "2026-11-23",
-              "device": "cpu (2 cores)", "calibration_s": calib_s, "rows": rows}
+    record = {"command": "python experiments/no_finetune/run.py " + " ".join(overrides),
+              "date": datetime.date.today().isoformat(), "device": f"cpu ({torch.get_num_threads()} threads)",
+              "git_sha": git_sha(), "calibration_s": calib_s, "rows": rows}
     (out_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
     acc_keys = sorted({k for r in rows for k in r if k.startswith("test/acc")})
     lines = [f"# {cfg.model.name} on {cfg.data.name}: factorization before any fine-tuning", "",
