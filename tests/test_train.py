@@ -70,6 +70,13 @@ def test_validation_split_metrics(family, val_override, compose_cfg, tmp_path):
     assert not any(key.startswith("val/") for key in without["metrics"])
 
 
+def test_evaluate_dense_before_off_keeps_the_method_figure(compose_cfg, tmp_path):
+    overrides = TINY["vision"] + FAST + ["method=jactus", "allocator.rank_multiple=1", "evaluate_dense_before=false"]
+    _, summary = run_train(compose_cfg, overrides, tmp_path)
+    assert "dense" not in summary["metrics_before"]
+    assert 0.0 <= summary["metrics_before"]["method"]["test/acc"] <= 100.0
+
+
 def test_model_data_mismatch_fails_early(compose_cfg, tmp_path):
     from jactus.train import train
 

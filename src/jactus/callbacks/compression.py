@@ -38,6 +38,7 @@ class CompressionCallback(Callback):
         head_warmup_steps: int = 0,
         head_warmup_lr: float = 1e-2,
         evaluate_before: bool = False,
+        evaluate_dense_before: bool = True,
         calib_batches: int | None = None,
     ):
         if head_warmup_steps < 0:
@@ -46,6 +47,7 @@ class CompressionCallback(Callback):
         self.head_warmup_steps = head_warmup_steps
         self.head_warmup_lr = head_warmup_lr
         self.evaluate_before = evaluate_before
+        self.evaluate_dense_before = evaluate_dense_before
         self.calib_batches = calib_batches
         self.applied = False
         self.params_original: int | None = None
@@ -76,7 +78,7 @@ class CompressionCallback(Callback):
         if self.head_warmup_steps and pl_module.head_names:
             pl_module.warmup_head(calibration, self.head_warmup_steps, self.head_warmup_lr)
         test_loader = trainer.datamodule.test_dataloader() if self.evaluate_before else None
-        if test_loader is not None:
+        if test_loader is not None and self.evaluate_dense_before:
             self.metrics_before["dense"] = pl_module.evaluate(test_loader, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
