@@ -69,7 +69,7 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
     if cfg.test:
         results = trainer.test(run.module, datamodule=run.datamodule, verbose=False)
         metrics = {k: float(v) for k, v in (results[0] if results else {}).items() if k.startswith("test/")}
-        metrics.update(_validate(trainer, run))
+    metrics.update(_validate(trainer, run))  # also with test=false: a learning-rate search needs val alone
 
     deployed = method.export(run.module.model)
     summary.update(
