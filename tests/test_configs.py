@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
-
-from pathlib import Path
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -127,7 +127,7 @@ def test_ddp_sim_builds_identical_factorization_on_both_ranks(tmp_path):
     dump = tmp_path / "dump"
     _cli([*TINY["vision"], "trainer=ddp_sim", "trainer.max_steps=1", "logger=none", "callbacks=none",
           "calib.num_samples=16", "method=jactus", "allocator.rank_multiple=1", "evaluate_before=false",
-          f"paths.log_dir={tmp_path}", f"+callbacks.dump._target_=dump_callback.DumpPerRank",
+          f"paths.log_dir={tmp_path}", "+callbacks.dump._target_=dump_callback.DumpPerRank",
           f"+callbacks.dump.out_dir={dump}"], cwd=ROOT, env_extra={"PYTHONPATH": str(ROOT / "tests" / "helpers")})
     for when in ("setup", "end"):
         rank0, rank1 = (torch.load(dump / f"{when}_rank{r}.pt") for r in (0, 1))

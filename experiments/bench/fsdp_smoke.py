@@ -20,15 +20,12 @@ set changed, and that every rank ends with the same cores.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
+import common
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
-
-import common
 
 
 class ShardedCausalLM(L.LightningModule):

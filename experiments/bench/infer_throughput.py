@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-import torch
-
 import common
+import torch
 from train_throughput import uniform_rank_map
 
 VARIANTS = ("dense", "jactus_0.8", "jactus_0.6")
@@ -83,8 +82,9 @@ def bench_family(family: str, shape: dict, device: torch.device, ranks: str, war
                                         device, dtype, workdir)
             model = model.to(dtype).eval()
             with torch.inference_mode():
-                latency = common.median(common.time_repeats(lambda: forward(model, small), device, warmup, repeats))
-                seconds = common.median(common.time_repeats(lambda: forward(model, big), device, warmup, repeats))
+                latency = common.median(common.time_repeats(lambda m=model: forward(m, small), device, warmup,
+                                                            repeats))
+                seconds = common.median(common.time_repeats(lambda m=model: forward(m, big), device, warmup, repeats))
             results[variant] = {"latency_ms": round(1e3 * latency, 3), f"{unit}_per_s": round(per_big / seconds, 2),
                                 "param_bytes": common.param_bytes(model)}
             del model

@@ -20,9 +20,8 @@ import argparse
 import contextlib
 import copy
 
-import torch
-
 import common
+import torch
 
 METHODS = ("jactus_0.8", "jactus_0.6", "lora", "dora", "full_ft")
 SHAPES = {
@@ -153,7 +152,7 @@ def bench_family(family: str, shape: dict, device: torch.device, methods, ranks:
         optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
         cursor = {"i": 0}
 
-        def step():
+        def step(model=model, optimizer=optimizer, cursor=cursor):
             batch = batches[cursor["i"] % len(batches)]
             cursor["i"] += 1
             with autocast():
