@@ -117,10 +117,17 @@ def _cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int
 
 
 def test_multirun_over_two_methods(tmp_path):
-    _cli(["-m", "method=full_ft,jactus", *TINY["vision"], *FAST, f"paths.log_dir={tmp_path}"], cwd=ROOT)
-    summaries = [json.loads(p.read_text()) for p in tmp_path.rglob("summary.json")]
-    assert sorted(s["method"] for s in summaries) == ["full_ft", "jactus"]
-    assert all(s["status"] == "ok" for s in summaries)
+    """Per-method learning rates apply, and a swept `optim.lr` wins over them (a learning-rate sweep runs what it
+    names)."""
+    common = [*TINY["vision"], *FAST, "+optim.lr_by_method.jactus=0.0042"]
+    _cli(["-m", "method=full_ft,jactus", *common, f"paths.log_dir={tmp_path / 'table'}"], cwd=ROOT)
+    summaries = {s["method"]: s for s in (json.loads(p.read_text()) for p in (tmp_path / "table").rglob("summary.json"))}
+    assert sorted(summaries) == ["full_ft", "jactus"]
+    assert all(s["status"] == "ok" for s in summaries.values())
+    assert summaries["jactus"]["lr"] == 0.0042 and summaries["full_ft"]["lr"] == 1e-3  # conf/optim/adamw.yaml
+    _cli(["-m", "method=jactus", "optim.lr=0.0007,0.0009", *common, f"paths.log_dir={tmp_path / 'sweep'}"], cwd=ROOT)
+    swept = sorted(json.loads(p.read_text())["lr"] for p in (tmp_path / "sweep").rglob("summary.json"))
+    assert swept == [0.0007, 0.0009]
 
 
 def test_ddp_sim_builds_identical_factorization_on_both_ranks(tmp_path):

@@ -49,6 +49,7 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     method = instantiate(cfg.method, _convert_="all")  # bad method options fail here, before any loading
     run = build_run(cfg)
+    summary["lr"] = run.module.lr
     compression = CompressionCallback(
         method,
         head_warmup_steps=cfg.calib.head_warmup_steps,

@@ -51,12 +51,32 @@ def build_run(cfg: DictConfig) -> Run:
     else:
         datamodule = instantiate(cfg.data.module, _convert_="all")
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    optim["lr"] = (optim.pop("lr_by_method", None) or {}).get(method_label(cfg), optim["lr"])
+    optim.pop("lr_by_method", None)
+    optim["lr"] = learning_rate(cfg)
     if cfg.model.family == "causal_lm":
         module = CausalLMQA(loaded.model, task_names=datamodule.task_names, head_names=loaded.head_names, **optim)
     else:
         module = ImageClassifier(loaded.model, head_names=loaded.head_names, **optim)
     return Run(loaded, datamodule, module)
+
+
+def learning_rate(cfg: DictConfig) -> float:
+    """`optim.lr`, or the experiment's entry for this method in `optim.lr_by_method`.
+
+    An `optim.lr` given on the command line (or as a sweep value) wins over that table: a learning-rate sweep runs
+    the rates it names. (Hydra merges `optim.lr_by_method={}` into the experiment's table instead of emptying it;
+    `optim.lr_by_method=null` disables the table.)"""
+    table = cfg.optim.get("lr_by_method") or {}
+    label = method_label(cfg)
+    if label in table and not _on_command_line("optim.lr"):
+        return float(table[label])
+    return float(cfg.optim.lr)
+
+
+def _on_command_line(key: str) -> bool:
+    if not HydraConfig.initialized():
+        return False
+    return any(override.lstrip("+~").split("=", 1)[0] == key for override in HydraConfig.get().overrides.task)
 
 
 def method_label(cfg: DictConfig) -> str:
