@@ -161,3 +161,23 @@ def test_gaps_with_unknown_labels_fail(spec, message, sweep, tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # nothing written before the labels are checked
     assert report.main([str(sweep), "--out", str(tmp_path / "out"), "--gaps", spec]) == 1
     assert "jactus-report: --gaps" in capsys.readouterr().err
+
+
+def test_split_by_learning_rate(tmp_path):
+    """--split-by gives one row per (method, value); values come from summary.json or the run's Hydra config."""
+    root = tmp_path / "lr_search"
+    _write(root, "a", method="lora", data="cifar10", seed=0, metrics={"val/acc": 80.0})
+    _write(root, "b", method="lora", data="cifar10", seed=0, metrics={"val/acc": 84.0})
+    _write(root, "c", method="jactus", data="cifar10", seed=0, budget=0.8, ratio=0.8, metrics={"val/acc": 83.0})
+    for name, lr in (("a", 0.001), ("b", 0.0003)):  # as jactus-train records it
+        path = root / name / "summary.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "lr": lr}))
+    (root / "c" / ".hydra").mkdir()
+    (root / "c" / ".hydra" / "config.yaml").write_text("optim:\n  lr: 0.0001\n")  # an older run: only in its config
+    rep = report.write_report(root, tmp_path / "out", metric="val/acc", split_by=["lr"])
+    (table,) = rep.tables
+    assert sorted(table.rows) == ["jactus@0.8 (lr=?)", "lora (lr=0.0003)", "lora (lr=0.001)"]
+    assert table.cell("lora (lr=0.0003)", "cifar10").values == [84.0]
+    rep = report.write_report(root, tmp_path / "out2", metric="val/acc", split_by=["optim.lr"])
+    assert "jactus@0.8 (optim.lr=0.0001)" in rep.tables[0].rows
+    assert (tmp_path / "out2" / "acc_vs_params.png").is_file()

@@ -18,6 +18,10 @@ Writes to `--out` (default: the first sweep dir):
                       is missing); gaps.csv holds the same in long format. A label that is not a row of a table fails
                       with a message listing that table's rows.
 
+`--split-by KEY` (repeatable) splits each method's row by a run value, e.g. `--split-by lr --metric val/acc` for a
+learning-rate search: rows "lora (lr=0.001)". KEY is a summary.json key (dotted for nested ones) or, where the
+summary lacks it, a dotted path into the run's `.hydra/config.yaml` (e.g. `optim.lr`).
+
 The average of a row is taken per seed over the row's columns, over the seeds that have every column.
 """
 
@@ -27,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -80,7 +85,40 @@ def row_label(summary: dict) -> str:
     Three significant digits: a budget asked for reads as given (0.8), a measured ratio (CERSA at a fixed spectral
     energy reports the ratio it gave) does not spell out every digit."""
     budget = summary.get("budget")
-    return summary["method"] if budget is None else f"{summary['method']}@{budget:.3g}"
+    label = summary["method"] if budget is None else f"{summary['method']}@{budget:.3g}"
+    return label + summary.get("_split", "")
+
+
+def split_values(summary: dict, keys: list[str]) -> str:
+    """" (lr=0.001, ...)": the value of each `--split-by` key for this run, looked up as a dotted path in the summary,
+    then in the run's `.hydra/config.yaml` ("?" where neither has it)."""
+    if not keys:
+        return ""
+    config = None
+    values = []
+    for key in keys:
+        value = _dotted(summary, key)
+        if value is None:
+            if config is None:
+                path = Path(summary["_path"]).parent / ".hydra" / "config.yaml"
+                config = _read_yaml(path) if path.is_file() else {}
+            value = _dotted(config, key)
+        values.append(f"{key}={'?' if value is None else format(value, 'g') if isinstance(value, float) else value}")
+    return f" ({', '.join(values)})"
+
+
+def _dotted(data, key: str):
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def _read_yaml(path: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
 
 
 def _status(summary: dict) -> str:
@@ -338,7 +376,8 @@ def plot_acc_vs_params(tables: list[ResultTable], path, metric: str = "test/acc"
             cell, ratio = table.cell(row, column), table.ratio.get(row)
             if cell.mean is None or ratio is None:
                 continue
-            series.setdefault(row.split("@")[0], []).append((100 * ratio, cell.mean, cell.std or 0.0))
+            line = re.sub(r"@[0-9.eE+-]+", "", row)  # one line per method (and --split-by values) across budgets
+            series.setdefault(line, []).append((100 * ratio, cell.mean, cell.std or 0.0))
         for method, points in series.items():
             points.sort()
             xs, ys, errs = zip(*points, strict=True)
@@ -409,15 +448,19 @@ class Report:
     gaps: list[GapTable] = field(default_factory=list)  # one per table when gaps were asked for
 
 
-def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: list[str] = ()) -> Report:
+def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: list[str] = (),
+                 split_by: list[str] = ()) -> Report:
     """Read the summaries under `dirs` and write report.md, results.csv and the plots to `out`.
 
-    `gaps`: "REF:OTHER[,OTHER...]" specs (see the module docstring); they also write gaps.csv.
+    `gaps`: "REF:OTHER[,OTHER...]" specs (see the module docstring); they also write gaps.csv. `split_by`: keys whose
+    values split a method's row (e.g. ["lr"] for a learning-rate search), labels like "lora (lr=0.001)".
     """
     specs = [parse_gaps(spec) for spec in gaps]
     summaries, unreadable = load_summaries(dirs)
     if not summaries:
         raise FileNotFoundError(f"no summary.json under {', '.join(map(str, _as_paths(dirs)))}")
+    for summary in summaries:
+        summary["_split"] = split_values(summary, list(split_by))
     frame = results_frame(summaries, metric)
     tables = build_tables(frame, digits)
     gap_tables = [build_gaps(table, specs) for table in tables] if specs else []
@@ -493,11 +536,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gaps", action="append", default=[], metavar="REF:OTHER[,OTHER...]",
                         help="per table, REF's mean minus each OTHER's per column (row labels, e.g. "
                              "jactus@0.8:lora,dora); repeatable")
+    parser.add_argument("--split-by", action="append", default=[], metavar="KEY",
+                        help="split rows by this run value (summary.json key or .hydra/config.yaml dotted path, e.g. "
+                             "lr or optim.lr); repeatable")
     parser.add_argument("--wandb", action="store_true", help="log the table and plots to W&B (WANDB_MODE honoured)")
     parser.add_argument("--wandb-project", default="jactus")
     args = parser.parse_args(argv)
     try:
-        report = write_report(args.sweep_dirs, args.out or args.sweep_dirs[0], args.metric, args.digits, args.gaps)
+        report = write_report(args.sweep_dirs, args.out or args.sweep_dirs[0], args.metric, args.digits, args.gaps,
+                              args.split_by)
     except (FileNotFoundError, GapsError) as err:
         print(f"jactus-report: {err}", file=sys.stderr)
         return 1
