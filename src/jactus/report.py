@@ -257,10 +257,23 @@ def _row_order(frame: pd.DataFrame) -> list[str]:
     def key(item):
         method, budget, label = item
         compressed = budget is not None and not pd.isna(budget)
-        return (compressed, -budget if compressed else 0.0, rank.get(method, len(rank)), label)
+        return (compressed, -budget if compressed else 0.0, rank.get(method, len(rank)), method,
+                _split_numbers(label), label)
 
     return [label for _, _, label in sorted(zip(first["method"], first["budget"], first["label"], strict=True),
                                             key=key)]
+
+
+def _split_numbers(label: str) -> tuple[float, ...]:
+    """The numeric --split-by values of a row label ("lora (lr=1e-05)" -> (1e-05,)), so such rows sort by value."""
+    values = re.findall(r"=([-+0-9.eE]+)(?=[,)])", label.rpartition(" (")[2]) if label.endswith(")") else []
+    numbers = []
+    for value in values:
+        try:
+            numbers.append(float(value))
+        except ValueError:
+            numbers.append(math.inf)
+    return tuple(numbers)
 
 
 def build_table(frame: pd.DataFrame, title: str = "", digits: int = 2) -> ResultTable:
@@ -365,7 +378,18 @@ def _figure(width: float, height: float):
 
 def plot_acc_vs_params(tables: list[ResultTable], path, metric: str = "test/acc") -> Path:
     """One panel per (table, column incl. the average): accuracy against retained parameters, a line per method."""
+    import matplotlib
+
     panels = [(table, column) for table in tables for column in [*table.columns, AVERAGE]]
+    lines = list(dict.fromkeys(re.sub(r"@[0-9.eE+-]+", "", row) for table in tables for row in table.rows))
+    colors = matplotlib.colormaps["tab10" if len(lines) <= 10 else "tab20"].colors
+    markers = "osD^vP*X"
+
+    def style(line: str) -> dict:
+        """The same colour and marker for a line in every panel; distinct for up to 20 x 8 lines."""
+        index = lines.index(line)
+        return {"color": colors[index % len(colors)], "marker": markers[(index // len(colors)) % len(markers)]}
+
     ncols = min(4, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig = _figure(3.6 * ncols, 3.0 * nrows)
@@ -381,7 +405,7 @@ def plot_acc_vs_params(tables: list[ResultTable], path, metric: str = "test/acc"
         for method, points in series.items():
             points.sort()
             xs, ys, errs = zip(*points, strict=True)
-            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=2, label=method)
+            ax.errorbar(xs, ys, yerr=errs, capsize=2, label=method, **style(method))
         ax.set_title(column if len(tables) == 1 else f"{column} · {table.title}", fontsize=9)
         ax.set_xlabel("retained parameters (%)", fontsize=8)
         ax.set_ylabel(metric, fontsize=8)
@@ -394,12 +418,18 @@ def plot_acc_vs_params(tables: list[ResultTable], path, metric: str = "test/acc"
             if label not in handles:
                 handles[label] = handle
                 labels.append(label)
+    legend_rows = 0
     if handles:
-        fig.legend([handles[label] for label in labels], labels, loc="lower center", ncol=min(6, len(labels)),
-                   fontsize=8, bbox_to_anchor=(0.5, 0.0))
-    fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 1))
+        ncol = min(4, len(labels))
+        legend_rows = math.ceil(len(labels) / ncol)
+        # The figure grows by the legend's height, so many lines (a learning-rate search) never cover the panels.
+        fig.set_size_inches(fig.get_figwidth(), fig.get_figheight() + 0.22 * legend_rows + 0.2)
+        fig.legend([handles[label] for label in labels], labels, loc="lower center", ncol=ncol, fontsize=8,
+                   bbox_to_anchor=(0.5, 0.0), frameon=False)
+    bottom = (0.22 * legend_rows + 0.25) / fig.get_figheight() if legend_rows else 0
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # a legend wider than the panels is kept whole
     return path
 
 
