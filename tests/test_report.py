@@ -133,11 +133,14 @@ def test_gaps(sweep, tmp_path):
     section = markdown[markdown.index("### Gaps"):markdown.index("## Plots")]
     assert "| Ref | Other | cifar10 | dtd | eurosat | Avg. |" in section
     assert "| lora | dora | +1.50 | +0.75 | +1.00 | +0.08 |" in section
-    assert "| lora | jactus@0.8 | -3.00 | — | — | — |" in section  # jactus: dtd failed, eurosat and avg missing
-    assert "| jactus@0.8 | lora | +3.00 | — | — | — |" in section
+    # jactus: dtd failed, eurosat and avg missing; cifar10 pairs seeds 0 and 1: 90 - 93 and 92 - 95, spread 0
+    assert "| lora | jactus@0.8 | -3.00 ± 0.00 | — | — | — |" in section
+    assert "| jactus@0.8 | lora | +3.00 ± 0.00 | — | — | — |" in section
     gaps = pd.read_csv(out / "gaps.csv")
     assert len(gaps) == 3 * 4 and list(gaps.columns) == ["table", "ref", "other", "column", "ref_mean",
-                                                          "other_mean", "gap"]
+                                                          "other_mean", "gap", "paired_seeds", "paired_std"]
+    cifar = gaps[(gaps["other"] == "jactus@0.8") & (gaps["column"] == "cifar10")].iloc[0]
+    assert cifar["paired_seeds"] == 2 and cifar["paired_std"] == pytest.approx(0.0)
     average = gaps[(gaps["other"] == "dora") & (gaps["column"] == "Avg.")].iloc[0]
     assert average["gap"] == pytest.approx(86.0 - (89.5 + 71.25 + 97.0) / 3)
     assert gaps[(gaps["other"] == "jactus@0.8") & (gaps["column"] == "dtd")]["gap"].isna().all()
@@ -181,3 +184,16 @@ def test_split_by_learning_rate(tmp_path):
     rep = report.write_report(root, tmp_path / "out2", metric="val/acc", split_by=["optim.lr"])
     assert "jactus@0.8 (optim.lr=0.0001)" in rep.tables[0].rows
     assert (tmp_path / "out2" / "acc_vs_params.png").is_file()
+
+
+def test_paired_gap_spread(tmp_path):
+    """The ± of a gap is the spread of per-seed differences, not of the rows themselves."""
+    root = tmp_path / "paired"
+    for seed, (ref, other) in enumerate([(80.0, 79.0), (90.0, 88.0), (70.0, 70.0)]):  # diffs 1, 2, 0
+        _write(root, f"j/s{seed}", method="jactus", data="cifar10", seed=seed, acc=ref, budget=0.8, ratio=0.8)
+        _write(root, f"l/s{seed}", method="lora", data="cifar10", seed=seed, acc=other)
+    rep = report.write_report(root, tmp_path / "out", gaps=["jactus@0.8:lora"])
+    (gaps,) = rep.gaps
+    assert gaps.gap("jactus@0.8", "lora", "cifar10") == pytest.approx(1.0)
+    assert gaps.paired_std("jactus@0.8", "lora", "cifar10") == pytest.approx(1.0)  # stdev(1, 2, 0)
+    assert gaps.text("jactus@0.8", "lora", "Avg.") == "+1.00 ± 1.00"

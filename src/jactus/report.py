@@ -15,7 +15,9 @@ Writes to `--out` (default: the first sweep dir):
   gaps.csv            with `--gaps REF:OTHER[,OTHER...]` (repeatable; labels as in the table's rows, e.g.
                       "jactus@0.8", "lora"): per table a "Gaps" section in report.md, one row per OTHER, the mean of
                       REF minus the mean of OTHER per column and on the average ("+1.23", "-0.40"; "—" where either
-                      is missing); gaps.csv holds the same in long format. A label that is not a row of a table fails
+                      is missing), "± s" where at least two seeds pair up: the sample std of the per-seed differences
+                      (a seed fixes the data split, so pairing removes the split's share of the noise); gaps.csv
+                      holds the same in long format. A label that is not a row of a table fails
                       with a message listing that table's rows.
 
 `--split-by KEY` (repeatable) splits each method's row by a run value, e.g. `--split-by lr --metric val/acc` for a
@@ -176,6 +178,14 @@ class Cell:
 
     values: list[float] = field(default_factory=list)
     failed: int = 0
+    seeds: list = field(default_factory=list)  # the seed of each value
+
+    def by_seed(self) -> dict:
+        """seed -> value (the mean where a seed was run more than once)."""
+        grouped: dict = {}
+        for seed, value in zip(self.seeds, self.values, strict=True):
+            grouped.setdefault(seed, []).append(value)
+        return {seed: statistics.fmean(values) for seed, values in grouped.items()}
 
     @property
     def mean(self) -> float | None:
@@ -282,12 +292,13 @@ def build_table(frame: pd.DataFrame, title: str = "", digits: int = 2) -> Result
     cells: dict[tuple[str, str], Cell] = {}
     for (label, column), group in frame.groupby(["label", "column"], sort=False):
         ok = group[(group["status"] == "ok") & group["value"].notna()]
-        cells[(label, column)] = Cell(values=ok["value"].tolist(), failed=int((group["status"] != "ok").sum()))
+        cells[(label, column)] = Cell(values=ok["value"].tolist(), failed=int((group["status"] != "ok").sum()),
+                                      seeds=ok["seed"].tolist())
     for label, group in frame.groupby("label", sort=False):
         ok = group[(group["status"] == "ok") & group["value"].notna()]
         per_seed = ok.pivot_table(index="seed", columns="column", values="value", aggfunc="mean")
         complete = per_seed.reindex(columns=columns).dropna()
-        cells[(label, AVERAGE)] = Cell(values=complete.mean(axis=1).tolist())
+        cells[(label, AVERAGE)] = Cell(values=complete.mean(axis=1).tolist(), seeds=complete.index.tolist())
     ratio = {}
     for label in rows:
         runs = frame[(frame["label"] == label) & (frame["status"] == "ok")].drop_duplicates("path")
@@ -329,14 +340,24 @@ class GapTable:
     columns: list[str]
     means: dict[tuple[str, str], float | None]  # (row, column) -> the table's mean
     digits: int = 2
+    paired: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)  # (ref, other, column) -> diffs
 
     def gap(self, ref: str, other: str, column: str) -> float | None:
         ref_mean, other_mean = self.means[(ref, column)], self.means[(other, column)]
         return None if ref_mean is None or other_mean is None else ref_mean - other_mean
 
+    def paired_std(self, ref: str, other: str, column: str) -> float | None:
+        """Sample std of REF minus OTHER per seed, over the seeds both have (None below two such seeds)."""
+        differences = self.paired.get((ref, other, column), [])
+        return statistics.stdev(differences) if len(differences) > 1 else None
+
     def text(self, ref: str, other: str, column: str) -> str:
         gap = self.gap(ref, other, column)
-        return MISSING if gap is None else f"{round(gap, self.digits) + 0.0:+.{self.digits}f}"  # no "-0.00"
+        if gap is None:
+            return MISSING
+        out = f"{round(gap, self.digits) + 0.0:+.{self.digits}f}"  # no "-0.00"
+        spread = self.paired_std(ref, other, column)
+        return out if spread is None else f"{out} ± {spread:.{self.digits}f}"
 
     def to_markdown(self) -> str:
         lines = ["| " + " | ".join(["Ref", "Other", *self.columns]) + " |",
@@ -349,7 +370,9 @@ class GapTable:
         """Long format: one record per (REF, OTHER, column)."""
         return [{"table": self.title, "ref": ref, "other": other, "column": column,
                  "ref_mean": _number(self.means[(ref, column)]), "other_mean": _number(self.means[(other, column)]),
-                 "gap": _number(self.gap(ref, other, column))}
+                 "gap": _number(self.gap(ref, other, column)),
+                 "paired_seeds": len(self.paired.get((ref, other, column), [])),
+                 "paired_std": _number(self.paired_std(ref, other, column))}
                 for ref, other in self.pairs for column in self.columns]
 
 
@@ -362,7 +385,13 @@ def build_gaps(table: ResultTable, specs: list[tuple[str, list[str]]]) -> GapTab
                         f"{table.title!r}; its rows: {', '.join(table.rows)}")
     columns = [*table.columns, AVERAGE]
     means = {(row, column): table.cell(row, column).mean for row in table.rows for column in columns}
-    return GapTable(table.title, pairs, columns, means, table.digits)
+    paired = {}
+    for ref, other in pairs:
+        for column in columns:
+            ref_seeds, other_seeds = table.cell(ref, column).by_seed(), table.cell(other, column).by_seed()
+            paired[(ref, other, column)] = [ref_seeds[seed] - other_seeds[seed] for seed in ref_seeds
+                                            if seed in other_seeds]
+    return GapTable(table.title, pairs, columns, means, table.digits, paired)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -515,7 +544,8 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
     for index, table in enumerate(tables):
         lines += [f"## {table.title}", "", table.to_markdown(), ""]
         if gap_tables:
-            lines += ["### Gaps", "", f"Mean of Ref minus mean of Other; {MISSING} where either is missing.", "",
+            lines += ["### Gaps", "", f"Mean of Ref minus mean of Other (± sample std of the per-seed differences "
+                      f"where two or more seeds pair); {MISSING} where either is missing.", "",
                       gap_tables[index].to_markdown(), ""]
     lines += ["## Plots", "", "![accuracy vs retained parameters](acc_vs_params.png)", ""]
     if heatmap is not None:
