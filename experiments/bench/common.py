@@ -108,24 +108,6 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
-class StageTimer:
-    """Wall seconds per named stage (device-synchronised at both ends)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        synchronize(self.device)
-        begin = time.perf_counter()
-        try:
-            yield
-        finally:
-            synchronize(self.device)
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - begin
-
-
 # ---- memory ------------------------------------------------------------------------------------------------------
 def rss_bytes() -> int:
     import psutil
