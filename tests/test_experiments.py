@@ -28,9 +28,9 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 DATA = {"vision": "synthetic_vision", "causal_lm": "synthetic_qa"}
 TINY = {
     "vision": ["model=vit_tiny_test", "data=synthetic_vision", "data.img_size=32", "data.batch_size=8",
-               "data.module.train_size=64", "data.module.test_size=32"],
+               "data.module.train_size=64", "data.module.test_size=32", "data.module.val_size=16"],
     "causal_lm": ["model=llama_tiny_test", "data=synthetic_qa", "data.batch_size=4", "data.module.train_per_task=32",
-                  "data.module.test_per_task=16", "data.module.max_length=64"],
+                  "data.module.test_per_task=16", "data.module.val_per_task=4", "data.module.max_length=64"],
 }
 # `seed=0` and `data=...` on the command line replace the experiment's `seed` and `data` sweeps (Hydra's basic
 # sweeper keeps the last value given for a key).
