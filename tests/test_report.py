@@ -197,3 +197,15 @@ def test_paired_gap_spread(tmp_path):
     assert gaps.gap("jactus@0.8", "lora", "cifar10") == pytest.approx(1.0)
     assert gaps.paired_std("jactus@0.8", "lora", "cifar10") == pytest.approx(1.0)  # stdev(1, 2, 0)
     assert gaps.text("jactus@0.8", "lora", "Avg.") == "+1.00 ± 1.00"
+
+
+def test_rerun_of_a_seed_counts_once(tmp_path):
+    """Seed 0 run twice (80, 84) and seed 1 once (90): the cell is over seeds {0: 82, 1: 90}, not three samples."""
+    root = tmp_path / "reruns"
+    _write(root, "a/s0", method="lora", data="cifar10", seed=0, acc=80.0)
+    _write(root, "b/s0", method="lora", data="cifar10", seed=0, acc=84.0)
+    _write(root, "a/s1", method="lora", data="cifar10", seed=1, acc=90.0)
+    (table,) = report.build_tables(report.results_frame(report.load_summaries([root])[0]))
+    cell = table.cell("lora", "cifar10")
+    assert cell.mean == pytest.approx(86.0) and cell.std == pytest.approx(math.sqrt(32.0))
+    assert table.text("lora", "Avg.") == table.text("lora", "cifar10") == "86.00 ± 5.66"

@@ -6,7 +6,8 @@
 Writes to `--out` (default: the first sweep dir):
   report.md           one table per (experiment, model): rows = methods ("jactus@0.8"), a retained-parameter
                       column, one column per dataset (or per task where runs carry `<metric>_<task>`), the average;
-                      cells "mean ± std" over seeds (sample std; the mean alone for one seed), "—" where no run
+                      cells "mean ± std" over seeds (sample std; the mean alone for one seed; a seed run more than
+                      once counts once, as the mean of its runs), "—" where no run
                       exists, "failed" where every run failed; the best mean of each column in bold.
   results.csv         long format: one row per (run, column), failed runs included with an empty value.
   acc_vs_params.png   accuracy against retained parameters (%), one panel per column, one line per method.
@@ -181,19 +182,24 @@ class Cell:
     seeds: list = field(default_factory=list)  # the seed of each value
 
     def by_seed(self) -> dict:
-        """seed -> value (the mean where a seed was run more than once)."""
+        """seed -> value (the mean where a seed was run more than once; a run without a seed stands alone)."""
         grouped: dict = {}
-        for seed, value in zip(self.seeds, self.values, strict=True):
-            grouped.setdefault(seed, []).append(value)
+        seeds = self.seeds or [None] * len(self.values)
+        for index, (seed, value) in enumerate(zip(seeds, self.values, strict=True)):
+            unseeded = seed is None or (isinstance(seed, float) and math.isnan(seed))
+            grouped.setdefault(("run", index) if unseeded else seed, []).append(value)
         return {seed: statistics.fmean(values) for seed, values in grouped.items()}
 
+    # A re-run of a seed is the same experiment again, not another sample: mean and std are over seeds, each seed
+    # the mean of its runs (counting re-runs as seeds would shrink the std and weight the re-run seed twice).
     @property
     def mean(self) -> float | None:
-        return statistics.fmean(self.values) if self.values else None
+        return statistics.fmean(self.by_seed().values()) if self.values else None
 
     @property
     def std(self) -> float | None:
-        return statistics.stdev(self.values) if len(self.values) > 1 else None
+        per_seed = list(self.by_seed().values())
+        return statistics.stdev(per_seed) if len(per_seed) > 1 else None
 
     def text(self, digits: int = 2) -> str:
         if not self.values:
