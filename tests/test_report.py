@@ -209,3 +209,23 @@ def test_rerun_of_a_seed_counts_once(tmp_path):
     cell = table.cell("lora", "cifar10")
     assert cell.mean == pytest.approx(86.0) and cell.std == pytest.approx(math.sqrt(32.0))
     assert table.text("lora", "Avg.") == table.text("lora", "cifar10") == "86.00 ± 5.66"
+
+
+def test_rank_heatmap_rows_follow_the_table(tmp_path, monkeypatch):
+    """Heatmap rows come in table order (budget 0.8 before 0.6, seeds numerically), not in file order."""
+    root = tmp_path / "maps"
+    for name, budget, seed in [("a", 0.6, 10), ("b", 0.8, 2), ("c", 0.6, 2), ("d", 0.8, 0)]:
+        _write(root, name, method="jactus", data="cifar10", seed=seed, acc=80.0, budget=budget, ratio=budget,
+               rank_map={"blocks.0.fc1": 8})
+    import matplotlib.axes
+
+    labels, original = [], matplotlib.axes.Axes.set_yticks
+
+    def recording(self, ticks, names=None, **kwargs):
+        labels.extend(names or [])
+        return original(self, ticks, names, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_yticks", recording)
+    report.plot_rank_heatmap(report.load_summaries([root])[0], tmp_path / "heat.png")
+    assert labels == ["jactus@0.8 · cifar10 · s0", "jactus@0.8 · cifar10 · s2", "jactus@0.6 · cifar10 · s2",
+                      "jactus@0.6 · cifar10 · s10"]

@@ -266,18 +266,26 @@ def _ordered_columns(frame: pd.DataFrame) -> list[str]:
     return sorted(seen, key=lambda c: (rank.get(c, len(rank)), seen.index(c)))
 
 
+def _row_key(method: str, budget, label: str) -> tuple:
+    """Full-size methods first, then budgets from the largest down; within a budget, METHOD_ORDER."""
+    rank = {name: index for index, name in enumerate(METHOD_ORDER)}
+    compressed = budget is not None and not pd.isna(budget)
+    return (compressed, -budget if compressed else 0.0, rank.get(method, len(rank)), method,
+            _split_numbers(label), label)
+
+
 def _row_order(frame: pd.DataFrame) -> list[str]:
     first = frame.drop_duplicates("label")
-    rank = {name: index for index, name in enumerate(METHOD_ORDER)}
-
-    def key(item):
-        method, budget, label = item
-        compressed = budget is not None and not pd.isna(budget)
-        return (compressed, -budget if compressed else 0.0, rank.get(method, len(rank)), method,
-                _split_numbers(label), label)
-
     return [label for _, _, label in sorted(zip(first["method"], first["budget"], first["label"], strict=True),
-                                            key=key)]
+                                            key=lambda item: _row_key(*item))]
+
+
+def _seed_key(seed) -> tuple:
+    """Numeric seeds in numeric order (2 before 10), anything else after them as text."""
+    try:
+        return (0, float(seed), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(seed))
 
 
 def _split_numbers(label: str) -> tuple[float, ...]:
@@ -469,10 +477,13 @@ def plot_acc_vs_params(tables: list[ResultTable], path, metric: str = "test/acc"
 
 
 def plot_rank_heatmap(summaries: list[dict], path) -> Path | None:
-    """Rows = runs with a `rank_map`, columns = layers (first-seen order); grey = kept dense. None when no run has one."""
+    """Rows = runs with a `rank_map` in table order, columns = layers (first-seen order); grey = kept dense. None when no run has one."""
     runs = [s for s in summaries if s.get("rank_map")]
     if not runs:
         return None
+    # the table's row order, then data and seed (not the order the files were found in)
+    runs.sort(key=lambda s: (_row_key(s["method"], s.get("budget"), row_label(s)), str(s["data"]),
+                             *_seed_key(s.get("seed"))))
     import matplotlib
     import numpy as np
 
@@ -544,7 +555,8 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
     n_failed = sum(_status(s) != "ok" for s in summaries)
     lines = [f"# Sweep report: {metric}", "",
              f"{len(summaries)} runs ({n_failed} failed) from {', '.join(map(str, _as_paths(dirs)))}.",
-             f"Cells: mean ± sample std over seeds (the mean alone for one seed); {MISSING} = no run; "
+             f"Cells: mean ± sample std over seeds (the mean alone for one seed; a seed run twice counts once, as the "
+             f"mean of its runs); {MISSING} = no run; "
              f"{FAILED} = every run failed; best mean per column in bold. {RATIO}: mean params_deployed / "
              f"params_original. {AVERAGE}: per seed over the row's columns, over the seeds that have every column.", ""]
     for index, table in enumerate(tables):
