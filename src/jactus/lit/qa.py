@@ -82,4 +82,5 @@ def choice_scores(model, input_ids, attention_mask, labels) -> torch.Tensor:
     logits, targets, rows = labelled_logits(model, input_ids, attention_mask, labels)
     token_logp = F.log_softmax(logits.float(), dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
     totals = torch.zeros(input_ids.shape[0], device=token_logp.device).index_add_(0, rows, token_logp)
-    return totals / (labels[:, 1:] != -100).sum(dim=1).clamp_min(1)
+    counts = torch.bincount(rows, minlength=input_ids.shape[0]).to(totals.dtype)
+    return totals / counts.clamp_min(1)
