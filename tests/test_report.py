@@ -229,3 +229,15 @@ def test_rank_heatmap_rows_follow_the_table(tmp_path, monkeypatch):
     report.plot_rank_heatmap(report.load_summaries([root])[0], tmp_path / "heat.png")
     assert labels == ["jactus@0.8 · cifar10 · s0", "jactus@0.8 · cifar10 · s2", "jactus@0.6 · cifar10 · s2",
                       "jactus@0.6 · cifar10 · s10"]
+
+
+def test_a_loss_metric_bolds_the_lowest_mean(tmp_path):
+    """--metric test/nll: the best row of a column is the one with the lowest loss, not the highest."""
+    root = tmp_path / "sweep"
+    for method, nll in (("lora", 0.9), ("jactus", 0.7)):
+        _write(root, method, method=method, data="cifar10", seed=0, metrics={"test/acc": 90.0, "test/nll": nll})
+    (table,) = report.build_tables(report.results_frame(report.load_summaries([root])[0], "test/nll"))
+    assert table.lower_is_better and table.best("cifar10") == {"jactus"}
+    (by_acc,) = report.build_tables(report.results_frame(report.load_summaries([root])[0], "test/acc"))
+    assert not by_acc.lower_is_better and by_acc.best("cifar10") == {"lora", "jactus"}
+    assert report.lower_is_better("val/loss_piqa") and not report.lower_is_better("test/acc_piqa")

@@ -67,7 +67,19 @@ def test_validation_split_metrics(family, val_override, compose_cfg, tmp_path):
     _, without = run_train(compose_cfg, overrides, tmp_path / "without")
     assert 0.0 <= with_val["metrics"]["val/acc"] <= 100.0
     assert "test/acc" in with_val["metrics"]
+    assert with_val["metrics"]["val/nll"] > 0 and with_val["metrics"]["test/nll"] > 0
     assert not any(key.startswith("val/") for key in without["metrics"])
+
+
+def test_selection_run_never_reads_the_test_split(compose_cfg, tmp_path):
+    """test=false (a search that selects on validation): the before-fine-tuning figures come from val too."""
+    overrides = TINY["vision"] + FAST + ["method=jactus", "allocator.rank_multiple=1", "data.module.val_size=16",
+                                         "test=false"]
+    _, summary = run_train(compose_cfg, overrides, tmp_path)
+    assert not any(key.startswith("test/") for key in summary["metrics"])
+    for stage in ("dense", "method"):
+        before = summary["metrics_before"][stage]
+        assert set(before) == {"val/acc", "val/nll"} and 0.0 <= before["val/acc"] <= 100.0 and before["val/nll"] > 0
 
 
 def test_evaluate_dense_before_off_keeps_the_method_figure(compose_cfg, tmp_path):

@@ -222,6 +222,7 @@ class ResultTable:
     cells: dict[tuple[str, str], Cell]
     ratio: dict[str, float | None]  # mean params_ratio of the row's successful runs (fraction)
     digits: int = 2
+    lower_is_better: bool = False  # a loss (test/nll) rather than an accuracy: the lowest mean is the best
 
     def cell(self, row: str, column: str) -> Cell:
         return self.cells.get((row, column), Cell())
@@ -233,10 +234,10 @@ class ResultTable:
         return self.cell(row, column).text(self.digits)
 
     def best(self, column: str) -> set[str]:
-        """Rows whose mean is the highest of `column` as displayed (ties all count)."""
+        """Rows whose mean is the best (highest; lowest for a loss) of `column` as displayed (ties all count)."""
         means = {row: round(self.cell(row, column).mean, self.digits) for row in self.rows
                  if self.cell(row, column).mean is not None}
-        top = max(means.values(), default=None)
+        top = (min if self.lower_is_better else max)(means.values(), default=None)
         return {row for row, mean in means.items() if mean == top}
 
     @property
@@ -300,6 +301,11 @@ def _split_numbers(label: str) -> tuple[float, ...]:
     return tuple(numbers)
 
 
+def lower_is_better(metric: str) -> bool:
+    """A loss metric (`test/nll`, `val/loss_<task>`), where the best row is the lowest."""
+    return metric.rpartition("/")[2].split("_")[0] in ("nll", "loss")
+
+
 def build_table(frame: pd.DataFrame, title: str = "", digits: int = 2) -> ResultTable:
     """The table of one section (one experiment and model) of `results_frame`'s output."""
     rows, columns = _row_order(frame), _ordered_columns(frame)
@@ -318,7 +324,9 @@ def build_table(frame: pd.DataFrame, title: str = "", digits: int = 2) -> Result
         runs = frame[(frame["label"] == label) & (frame["status"] == "ok")].drop_duplicates("path")
         ratios = runs["params_ratio"].dropna()
         ratio[label] = float(ratios.mean()) if len(ratios) else None
-    return ResultTable(title, rows, columns, cells, ratio, digits)
+    metrics = frame["metric"].dropna().unique()
+    return ResultTable(title, rows, columns, cells, ratio, digits,
+                       lower_is_better=len(metrics) > 0 and lower_is_better(str(metrics[0])))
 
 
 def build_tables(frame: pd.DataFrame, digits: int = 2) -> list[ResultTable]:
@@ -557,7 +565,8 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
              f"{len(summaries)} runs ({n_failed} failed) from {', '.join(map(str, _as_paths(dirs)))}.",
              f"Cells: mean ± sample std over seeds (the mean alone for one seed; a seed run twice counts once, as the "
              f"mean of its runs); {MISSING} = no run; "
-             f"{FAILED} = every run failed; best mean per column in bold. {RATIO}: mean params_deployed / "
+             f"{FAILED} = every run failed; best mean per column in bold "
+             f"({'lowest' if lower_is_better(metric) else 'highest'}). {RATIO}: mean params_deployed / "
              f"params_original. {AVERAGE}: per seed over the row's columns, over the seeds that have every column.", ""]
     for index, table in enumerate(tables):
         lines += [f"## {table.title}", "", table.to_markdown(), ""]

@@ -56,6 +56,7 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
         head_warmup_lr=cfg.calib.head_warmup_lr,
         evaluate_before=cfg.evaluate_before,
         evaluate_dense_before=cfg.evaluate_dense_before,
+        before_split="test" if cfg.test else "val",
     )
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [compression] + [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]

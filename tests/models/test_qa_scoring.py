@@ -74,3 +74,17 @@ def test_choice_scores_are_the_mean_log_probability_of_each_answer():
         positions = (labels[row, 1:] != -100).nonzero()[:, 0]
         expected.append(logp[row, positions, labels[row, 1:][positions]].mean())
     torch.testing.assert_close(scores, torch.stack(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_score_batch_nll_is_the_gold_answers_negative_log_likelihood():
+    """Two questions over the three rows of `_batch` (choices 0, 1 | 2); `nll` is minus the gold choice's score."""
+    model = _model()
+    module = CausalLMQA(model)
+    input_ids, attention_mask, labels = _batch(model.config.vocab_size, seed=3)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+             "choice_owner": torch.tensor([0, 0, 1]), "gold": torch.tensor([1, 0]), "task_idx": torch.tensor([0, 0])}
+    with torch.no_grad():
+        scored = module.score_batch(batch)
+        scores = choice_scores(model, input_ids, attention_mask, labels)
+    torch.testing.assert_close(scored["nll"], -scores[[1, 2]])
+    assert scored["correct"].tolist() == [bool(scores[1] > scores[0]), True]

@@ -40,14 +40,18 @@ class CompressionCallback(Callback):
         evaluate_before: bool = False,
         evaluate_dense_before: bool = True,
         calib_batches: int | None = None,
+        before_split: str = "test",
     ):
         if head_warmup_steps < 0:
             raise ValueError(f"calib.head_warmup_steps={head_warmup_steps}: expected >= 0")
+        if before_split not in ("test", "val"):
+            raise ValueError(f"before_split={before_split!r}: expected 'test' or 'val'")
         self.method = method
         self.head_warmup_steps = head_warmup_steps
         self.head_warmup_lr = head_warmup_lr
         self.evaluate_before = evaluate_before
         self.evaluate_dense_before = evaluate_dense_before
+        self.before_split = before_split  # "val" in selection runs (test=false), which must not read the test split
         self.calib_batches = calib_batches
         self.applied = False
         self.params_original: int | None = None
@@ -77,9 +81,11 @@ class CompressionCallback(Callback):
         calibration = _move(self._calibration_batches(trainer), device, trainer.global_rank, trainer.world_size)
         if self.head_warmup_steps and pl_module.head_names:
             pl_module.warmup_head(calibration, self.head_warmup_steps, self.head_warmup_lr)
-        test_loader = trainer.datamodule.test_dataloader() if self.evaluate_before else None
-        if test_loader is not None and self.evaluate_dense_before:
-            self.metrics_before["dense"] = pl_module.evaluate(test_loader, device)
+        split, loader = self.before_split, None
+        if self.evaluate_before:
+            loader = getattr(trainer.datamodule, f"{split}_dataloader")()
+        if loader is not None and self.evaluate_dense_before:
+            self.metrics_before["dense"] = pl_module.evaluate(loader, device, stage=split)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
@@ -95,8 +101,8 @@ class CompressionCallback(Callback):
         self.apply_wall_s = time.perf_counter() - start
         if device.type == "cuda":
             self.apply_peak_mem_gb = torch.cuda.max_memory_allocated(device) / 2**30
-        if test_loader is not None and self.method.compresses:
-            self.metrics_before["method"] = pl_module.evaluate(test_loader, device)
+        if loader is not None and self.method.compresses:
+            self.metrics_before["method"] = pl_module.evaluate(loader, device, stage=split)
 
     def _calibration_batches(self, trainer: L.Trainer) -> Iterable:
         datamodule = trainer.datamodule

@@ -45,7 +45,11 @@ class TaskModule(L.LightningModule):
         raise NotImplementedError
 
     def score_batch(self, batch) -> dict[str, torch.Tensor]:
-        """Per-example correctness: {"correct": bool [B], "task_idx": long [B]}."""
+        """Per-example scores: {"correct": bool [B], "nll": float [B], "task_idx": long [B]}.
+
+        `nll` is the example's loss under the task's own scoring rule (cross-entropy of the true class; the
+        per-token negative log-likelihood of the gold answer for QA). Accuracy on a few hundred items moves in
+        steps of several points; the mean NLL separates models that accuracy cannot."""
         raise NotImplementedError
 
     @property
@@ -129,27 +133,31 @@ class TaskModule(L.LightningModule):
         return self.accuracy_from_counts(counts, stage)
 
     def _new_counts(self, device=None) -> torch.Tensor:
-        """Row t: [correct, total] for task t (one row for single-task data)."""
-        return torch.zeros(max(1, len(self.task_names)), 2, dtype=torch.float64, device=device or self.device)
+        """Row t: [correct, total, summed nll] for task t (one row for single-task data)."""
+        return torch.zeros(max(1, len(self.task_names)), 3, dtype=torch.float64, device=device or self.device)
 
     @staticmethod
     def _accumulate(counts: torch.Tensor, scored: dict[str, torch.Tensor]) -> None:
         task = scored["task_idx"].to(counts.device)
         counts[:, 0].index_add_(0, task, scored["correct"].to(counts.dtype).to(counts.device))
         counts[:, 1].index_add_(0, task, torch.ones_like(task, dtype=counts.dtype))
+        counts[:, 2].index_add_(0, task, scored["nll"].detach().to(counts.dtype).to(counts.device))
 
     def accuracy_from_counts(self, counts: torch.Tensor, stage: str) -> dict[str, float]:
-        """`<stage>/acc` is the mean over tasks (the paper's "Avg."); `<stage>/acc_<task>` each task's."""
+        """`<stage>/acc` is the mean over tasks (the paper's "Avg."), `<stage>/acc_<task>` each task's; `<stage>/nll`
+        and `<stage>/nll_<task>` the same for the mean per-example NLL (see `score_batch`)."""
         counts = counts.detach().cpu()
         seen = counts[:, 1] > 0
-        per_task = (counts[:, 0] / counts[:, 1].clamp_min(1)).tolist()
+        totals = counts[:, 1].clamp_min(1)
+        per_task = {"acc": (100.0 * counts[:, 0] / totals).tolist(), "nll": (counts[:, 2] / totals).tolist()}
         out: dict[str, float] = {}
-        if len(self.task_names) > 1:
-            for name, acc, has in zip(self.task_names, per_task, seen.tolist(), strict=True):
-                if has:
-                    out[f"{stage}/acc_{name}"] = 100.0 * acc
-        if seen.any():
-            out[f"{stage}/acc"] = 100.0 * float(torch.tensor(per_task)[seen].mean())
+        for metric, values in per_task.items():
+            if len(self.task_names) > 1:
+                for name, value, has in zip(self.task_names, values, seen.tolist(), strict=True):
+                    if has:
+                        out[f"{stage}/{metric}_{name}"] = value
+            if seen.any():
+                out[f"{stage}/{metric}"] = float(torch.tensor(values)[seen].mean())
         return out
 
     @staticmethod

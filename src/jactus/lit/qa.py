@@ -2,7 +2,8 @@
 
 Training: prompt + answer, loss on the answer tokens only (labels are -100 elsewhere; HF shifts them).
 Evaluation: each choice is scored by its length-normalised log-likelihood (mean log-probability of the choice's
-tokens given the prompt); the prediction is the argmax over a question's choices.
+tokens given the prompt); the prediction is the argmax over a question's choices, and a question's `nll` is minus the
+gold choice's score (the gold answer's per-token negative log-likelihood).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class CausalLMQA(TaskModule):
             position[mine] = torch.arange(int(mine.sum()), device=owner.device)
         table = torch.full((gold.shape[0], int(position.max()) + 1), float("-inf"), device=scores.device)
         table[owner, position] = scores
-        return {"correct": table.argmax(dim=-1) == gold, "task_idx": batch["task_idx"]}
+        rows = torch.arange(gold.shape[0], device=table.device)
+        return {"correct": table.argmax(dim=-1) == gold, "nll": -table[rows, gold], "task_idx": batch["task_idx"]}
 
 
 def labelled_logits(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

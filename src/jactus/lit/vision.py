@@ -40,5 +40,7 @@ class ImageClassifier(TaskModule):
 
     def score_batch(self, batch) -> dict[str, torch.Tensor]:
         images, labels = batch
-        predictions = self.model(images).argmax(dim=-1)
-        return {"correct": predictions == labels, "task_idx": torch.zeros_like(labels)}
+        logits = self.model(images)
+        return {"correct": logits.argmax(dim=-1) == labels,
+                "nll": F.cross_entropy(logits.float(), labels, reduction="none"),
+                "task_idx": torch.zeros_like(labels)}
