@@ -241,3 +241,13 @@ def test_a_loss_metric_bolds_the_lowest_mean(tmp_path):
     (by_acc,) = report.build_tables(report.results_frame(report.load_summaries([root])[0], "test/acc"))
     assert not by_acc.lower_is_better and by_acc.best("cifar10") == {"lora", "jactus"}
     assert report.lower_is_better("val/loss_piqa") and not report.lower_is_better("test/acc_piqa")
+
+
+def test_console_results_table_shows_accuracies_then_the_overall_nll(capsys):
+    from jactus.utils.tables import print_results_table
+
+    metrics = {"test/nll_piqa": 1.5, "test/nll": 1.25, "test/acc_piqa": 60.0, "test/acc": 55.0, "test/loss": 9.0}
+    print_results_table("t", [("after", metrics)])
+    header = next(line for line in capsys.readouterr().out.splitlines() if "stage" in line)
+    columns = header.replace("┃", " ").split()
+    assert columns == ["stage", "acc", "acc_piqa", "nll"]

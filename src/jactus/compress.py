@@ -91,7 +91,7 @@ def compress(cfg: DictConfig) -> list[dict]:
         summaries.append(summary)
         del compact
     if rows:
-        print_results_table(f"{cfg.model.name} on {cfg.data.name}: accuracy before fine-tuning (%)", rows)
+        print_results_table(f"{cfg.model.name} on {cfg.data.name}: before fine-tuning: accuracy (%), nll", rows)
     print(f"wrote {len(budgets)} compact models under {cfg.paths.output_dir} in {time.perf_counter() - start:.1f}s")
     return summaries
 

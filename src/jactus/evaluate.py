@@ -45,7 +45,7 @@ def evaluate(cfg: DictConfig) -> dict:
     result = {"compact_dir": str(compact_dir), "data": cfg.data.name, "params": count_params(model), "metrics": metrics}
     out = Path(cfg.paths.output_dir) / "eval.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print_results_table(f"{compact_dir} on {cfg.data.name}: accuracy (%)", [("compact", metrics)])
+    print_results_table(f"{compact_dir} on {cfg.data.name}: accuracy (%), nll", [("compact", metrics)])
     return result
 
 

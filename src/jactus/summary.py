@@ -1,8 +1,9 @@
 """summary.json: the one record of a run that reports, sweeps and checks read.
 
 Keys (always present): method, model, data, budget (null for full-size methods), seed, params_original,
-params_deployed, params_trainable, params_ratio (= deployed / original), metrics ({"test/acc": ..., and
-"test/acc_<task>" where several tasks}), wall_s, git_sha, status ("ok" | "failed").
+params_deployed, params_trainable, params_ratio (= deployed / original), metrics ({"test/acc": ..., "test/nll": ...
+(mean negative log-likelihood of the gold label / answer), and "test/acc_<task>", "test/nll_<task>" where several
+tasks; "val/..." the same on the validation split}), wall_s, git_sha, status ("ok" | "failed").
 Optional: experiment, metrics_before, compress_wall_s, compress_peak_mem_gb, rank_stats, rank_map, error, run_dir.
 """
 

@@ -135,7 +135,7 @@ def _print_before_after(summary: dict) -> None:
         rows.append((f"{summary['method']}, after fine-tuning", summary["metrics"]))
         params[rows[-1][0]] = f"{deployed / 1e6:.2f}M ({100 * summary['params_ratio']:.1f}%)"
     if rows:
-        print_results_table(f"{summary['model']} on {summary['data']}: accuracy (%)", rows, params)
+        print_results_table(f"{summary['model']} on {summary['data']}: accuracy (%), nll", rows, params)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

@@ -1,4 +1,4 @@
-"""Console tables (rich): rank maps and before/after accuracy."""
+"""Console tables (rich): rank maps and before/after accuracy and NLL."""
 
 from __future__ import annotations
 
@@ -31,12 +31,18 @@ def print_rank_table(rank_map: dict[str, int | None], model: nn.Module | None = 
     Console().print(table)
 
 
+def _console_column(key: str) -> bool:
+    name = key.rsplit("/", 1)[-1]
+    return name.startswith("acc") or name == "nll"
+
+
 def print_results_table(title: str, rows: list[tuple[str, dict[str, float]]], params: dict[str, str] | None = None):
-    """Rows of (stage, metrics); columns are the union of metric names (test/acc first)."""
+    """Rows of (stage, metrics); columns: the accuracies (the split's overall accuracy first, then per task), then
+    the overall NLL. Per-task NLLs stay in summary.json (sixteen columns do not fit a terminal)."""
     keys: list[str] = []
     for _, metrics in rows:
-        keys += [k for k in metrics if k not in keys]
-    keys.sort(key=lambda k: (not k.endswith("/acc"), k))
+        keys += [k for k in metrics if k not in keys and _console_column(k)]
+    keys.sort(key=lambda k: (k.endswith("/nll"), not k.endswith("/acc"), k))
     table = Table(title=title)
     table.add_column("stage")
     if params:
