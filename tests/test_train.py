@@ -82,6 +82,20 @@ def test_selection_run_never_reads_the_test_split(compose_cfg, tmp_path):
         assert set(before) == {"val/acc", "val/nll"} and 0.0 <= before["val/acc"] <= 100.0 and before["val/nll"] > 0
 
 
+@pytest.mark.parametrize("family", ["vision", "qa"])
+def test_zero_shot_row_never_trains_even_under_a_sweep_wide_max_steps(family, compose_cfg, tmp_path):
+    """`variant=zero_shot trainer.max_steps=3` (a sweep's step count applied to every row) evaluates the model as it
+    was before fine-tuning; the same overrides with the linear probe that zero_shot is made of do train."""
+    overrides = TINY[family] + ["trainer=cpu", "logger=none", "callbacks=none", "calib.num_samples=16",
+                                "calib.head_warmup_steps=2", "trainer.max_steps=3", "optim.lr=0.1"]
+    _, zero_shot = run_train(compose_cfg, overrides + ["variant=zero_shot"], tmp_path / "zero_shot")
+    _, probe = run_train(compose_cfg, overrides + ["method=linear_probe"], tmp_path / "probe")
+    assert zero_shot["method"] == "zero_shot"
+    before = zero_shot["metrics_before"]["dense"]["test/nll"]
+    assert zero_shot["metrics"]["test/nll"] == pytest.approx(before, rel=1e-5)
+    assert probe["metrics"]["test/nll"] != pytest.approx(probe["metrics_before"]["dense"]["test/nll"], rel=1e-5)
+
+
 def test_evaluate_dense_before_off_keeps_the_method_figure(compose_cfg, tmp_path):
     overrides = TINY["vision"] + FAST + ["method=jactus", "allocator.rank_multiple=1", "evaluate_dense_before=false"]
     _, summary = run_train(compose_cfg, overrides, tmp_path)

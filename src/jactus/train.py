@@ -66,7 +66,15 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
     for logger in trainer.loggers:
         logger.log_hyperparams(flat_config(cfg))
 
-    trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if cfg.finetune:
+        trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    else:
+        # No training step, whatever trainer.max_steps says: a sweep-wide `trainer.max_steps=N` must not train the
+        # zero_shot row (it did when that row relied on `max_steps: 0`). The method (and the head warm-up of a new
+        # vision head) is still applied: the callback's `setup` runs for the evaluation below as it would for fit.
+        if cfg.get("ckpt_path"):
+            raise ValueError(f"ckpt_path={cfg.ckpt_path} resumes training, but finetune=false trains nothing")
+        log.info("finetune=false: evaluating %s without training", method_label(cfg))
     metrics: dict[str, float] = {}
     if cfg.test:
         results = trainer.test(run.module, datamodule=run.datamodule, verbose=False)
