@@ -96,6 +96,14 @@ def test_zero_shot_row_never_trains_even_under_a_sweep_wide_max_steps(family, co
     assert probe["metrics"]["test/nll"] != pytest.approx(probe["metrics_before"]["dense"]["test/nll"], rel=1e-5)
 
 
+def test_zero_shot_with_nothing_to_evaluate_fails(compose_cfg, tmp_path):
+    from jactus.train import train
+
+    cfg = compose_cfg(TINY["vision"] + FAST + ["variant=zero_shot", "test=false"], output_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match="finetune=false with test=false and no validation split"):
+        train(cfg)
+
+
 def test_evaluate_dense_before_off_keeps_the_method_figure(compose_cfg, tmp_path):
     overrides = TINY["vision"] + FAST + ["method=jactus", "allocator.rank_multiple=1", "evaluate_dense_before=false"]
     _, summary = run_train(compose_cfg, overrides, tmp_path)

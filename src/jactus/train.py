@@ -80,6 +80,9 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
         results = trainer.test(run.module, datamodule=run.datamodule, verbose=False)
         metrics = {k: float(v) for k, v in (results[0] if results else {}).items() if k.startswith("test/")}
     metrics.update(_validate(trainer, run))  # also with test=false: a learning-rate search needs val alone
+    if not compression.applied:  # finetune=false, test=false and no validation split: nothing ran at all
+        raise ValueError("finetune=false with test=false and no validation split evaluates nothing: set test=true or "
+                         "give the data a validation split (data.module.val_size / data.module.val_per_task)")
 
     deployed = method.export(run.module.model)
     summary.update(
