@@ -46,6 +46,8 @@ def train(cfg: DictConfig) -> dict:
 
 
 def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
+    if not cfg.finetune and cfg.get("ckpt_path"):
+        raise ValueError(f"ckpt_path={cfg.ckpt_path} resumes training, but finetune=false trains nothing")
     L.seed_everything(cfg.seed, workers=True)
     method = instantiate(cfg.method, _convert_="all")  # bad method options fail here, before any loading
     run = build_run(cfg)
@@ -72,8 +74,6 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
         # No training step, whatever trainer.max_steps says: a sweep-wide `trainer.max_steps=N` must not train the
         # zero_shot row (it did when that row relied on `max_steps: 0`). The method (and the head warm-up of a new
         # vision head) is still applied: the callback's `setup` runs for the evaluation below as it would for fit.
-        if cfg.get("ckpt_path"):
-            raise ValueError(f"ckpt_path={cfg.ckpt_path} resumes training, but finetune=false trains nothing")
         log.info("finetune=false: evaluating %s without training", method_label(cfg))
     metrics: dict[str, float] = {}
     if cfg.test:

@@ -116,7 +116,7 @@ class TaskModule(L.LightningModule):
         counts = self._counts
         if self.trainer.world_size > 1:
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        for key, value in self.accuracy_from_counts(counts, stage).items():
+        for key, value in self.metrics_from_counts(counts, stage).items():
             self.log(key, value, sync_dist=False, prog_bar=key == f"{stage}/acc")
 
     @torch.no_grad()
@@ -130,7 +130,7 @@ class TaskModule(L.LightningModule):
         for batch in tqdm(batches, desc=f"evaluate ({stage})", leave=False, disable=not progress):
             self._accumulate(counts, self.score_batch(_to_device(batch, device)))
         self.model.train(was_training)
-        return self.accuracy_from_counts(counts, stage)
+        return self.metrics_from_counts(counts, stage)
 
     def _new_counts(self, device=None) -> torch.Tensor:
         """Row t: [correct, total, summed nll] for task t (one row for single-task data)."""
@@ -143,7 +143,7 @@ class TaskModule(L.LightningModule):
         counts[:, 1].index_add_(0, task, torch.ones_like(task, dtype=counts.dtype))
         counts[:, 2].index_add_(0, task, scored["nll"].detach().to(counts.dtype).to(counts.device))
 
-    def accuracy_from_counts(self, counts: torch.Tensor, stage: str) -> dict[str, float]:
+    def metrics_from_counts(self, counts: torch.Tensor, stage: str) -> dict[str, float]:
         """`<stage>/acc` is the mean over tasks (the paper's "Avg."), `<stage>/acc_<task>` each task's; `<stage>/nll`
         and `<stage>/nll_<task>` the same for the mean per-example NLL (see `score_batch`)."""
         counts = counts.detach().cpu()
