@@ -128,18 +128,72 @@ def test_bad_budget_fails_before_loading(compose_cfg, tmp_path):
         train(cfg)
 
 
-def test_checkpoint_of_factorized_run_resumes(compose_cfg, tmp_path):
+DUMP = ["+callbacks.dump._target_=dump_callback.DumpPerRank"]
+
+
+@pytest.fixture
+def dump_callback(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "helpers"))
+
+
+def test_checkpoint_of_factorized_run_resumes(compose_cfg, tmp_path, dump_callback):
     base = TINY["vision"] + ["trainer=cpu", "logger=none", "callbacks=none", "calib.num_samples=16",
-                             "method=jactus", "allocator.rank_multiple=1", "evaluate_before=false"]
+                             "method=jactus", "allocator.rank_multiple=1", "evaluate_before=false",
+                             "trainer.max_epochs=10"]  # max_steps ends both runs; the resumed one must train
     first, _ = run_train(compose_cfg, base + ["trainer.max_steps=2"], tmp_path / "a")
     ckpts = sorted((tmp_path / "a" / "run").rglob("*.ckpt"))
     assert ckpts, "the first run wrote no checkpoint"
     checkpoint = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
     assert checkpoint["jactus_method"]["structure"]["plan"]["ranks"] == first["rank_map"]
-    resumed, _ = run_train(compose_cfg, base + ["trainer.max_steps=4", f"ckpt_path='{ckpts[-1]}'"], tmp_path / "b")
+    resumed, _ = run_train(compose_cfg, base + ["trainer.max_steps=4", f"ckpt_path='{ckpts[-1]}'", *DUMP,
+                                                f"+callbacks.dump.out_dir={tmp_path / 'dump'}"], tmp_path / "b")
     assert resumed["status"] == "ok"
     assert resumed["rank_map"] == first["rank_map"]
     assert resumed["params_deployed"] == first["params_deployed"]
+    restored = torch.load(tmp_path / "dump" / "start_rank0.pt")["cores"]  # when training resumes
+    saved = {key[len("model."):]: value for key, value in checkpoint["state_dict"].items() if key.endswith(".C")}
+    assert saved and restored.keys() == saved.keys()
+    for key, value in saved.items():
+        assert torch.equal(restored[key], value), key
+    assert resumed["params_trainable"] == first["params_trainable"]  # one freeze policy, fresh or resumed
+    end = torch.load(tmp_path / "dump" / "end_rank0.pt")["cores"]
+    assert any(not torch.equal(end[key], value) for key, value in saved.items())  # and the resumed run trained
+
+
+@pytest.mark.parametrize("method", ["jactus", "lora"])
+def test_bf16_backbone_trains_fp32_trainables(method, compose_cfg, tmp_path, dump_callback):
+    """The issue's command: a bf16 tiny Llama under bf16-mixed writes a checkpoint whose trainable tensors (cores,
+    norms; LoRA adapters) are fp32 and changed, and whose frozen ones are bf16; the export is bf16."""
+    overrides = TINY["qa"] + ["++model.backbone.dtype=bfloat16", f"method={method}", "trainer=cpu",
+                              "trainer.precision=bf16-mixed", "trainer.max_steps=3", "logger=none", "callbacks=none",
+                              "calib.num_samples=16", "evaluate_before=false", "allocator.rank_multiple=1",
+                              "save_compact=true", *DUMP, f"+callbacks.dump.out_dir={tmp_path / 'dump'}"]
+    summary, _ = run_train(compose_cfg, overrides, tmp_path)
+    assert summary["backbone_dtype"] == "bfloat16" and summary["export_dtype"] == "bfloat16"
+    ckpts = sorted((tmp_path / "run").rglob("*.ckpt"))
+    state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)["state_dict"]
+    trained = {k for k in state if (k.endswith(".C") or "norm" in k) if method == "jactus"} | {
+        k for k in state if "lora_" in k}
+    assert trained and all(state[k].dtype == torch.float32 for k in trained)
+    frozen = [k for k in state if k.endswith((".U", ".V")) or k.endswith("embed_tokens.weight")
+              or (k.endswith("proj.weight") and method == "jactus") or "base_layer" in k]
+    assert frozen and all(state[k].dtype == torch.bfloat16 for k in frozen)
+    if method == "jactus":
+        before = torch.load(tmp_path / "dump" / "setup_rank0.pt")["cores"]
+        assert before and all(before[k].dtype == torch.float32 for k in before)
+        changed = [k for k in before if not torch.equal(before[k], state[f"model.{k}"])]
+        assert len(changed) == len(before), f"cores unchanged after 3 steps: {set(before) - set(changed)}"
+
+
+def test_bad_precision_or_export_dtype_fails(compose_cfg, tmp_path):
+    from jactus.train import train
+
+    cfg = compose_cfg(TINY["qa"] + FAST + ["++model.backbone.dtype=bfloat16", "method=jactus"])
+    with pytest.raises(ValueError, match=r"trainer.precision='32-true' with a bfloat16 backbone.*bf16-mixed"):
+        train(cfg)
+    cfg = compose_cfg(TINY["qa"] + FAST + ["export_dtype=int8"], output_dir=tmp_path / "b")
+    with pytest.raises(ValueError, match=r"export_dtype='int8'"):
+        train(cfg)
 
 
 def _cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

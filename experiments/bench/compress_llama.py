@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
         # 10x longer and vary run to run. One thread keeps the cpu-scale profile readable.
         torch.set_num_threads(1)
 
-    from jactus.core.streaming import compress_model
+    from jactus.core.bounded import compress_model
     from jactus.core.targets import find_targets
 
     shape, defaults = SHAPES[args.scale], DEFAULTS[args.scale]

@@ -59,9 +59,8 @@ def compress(cfg: DictConfig) -> list[dict]:
     compacts = compress_model(model, calibration, module.calibration_loss, budgets, targets=method.targets,
                               allocator=method.allocator, scope=method.scope, rank_multiple=method.rank_multiple,
                               rho=method.rho, weight_basis=method.weight_basis, stats_mode=method.stats_mode,
-                              damping=method.damping, max_stats_bytes=method.max_stats_bytes,
-                              stats_dtype=method.stats_dtype, mask_key=method.mask_key,
-                              head_names=module.head_names, device=device)
+                              damping=method.damping, mask_key=method.mask_key, head_names=module.head_names,
+                              device=device, **method.calib.driver_kwargs())
     compress_wall_s = time.perf_counter() - compress_start
     del model  # it is now the last budget's compact model
     summaries = []

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
@@ -48,6 +49,7 @@ def train(cfg: DictConfig) -> dict:
 def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
     if not cfg.finetune and cfg.get("ckpt_path"):
         raise ValueError(f"ckpt_path={cfg.ckpt_path} resumes training, but finetune=false trains nothing")
+    export_dtype(cfg.get("export_dtype"), None)  # a bad name fails before any loading
     L.seed_everything(cfg.seed, workers=True)
     method = instantiate(cfg.method, _convert_="all")  # bad method options fail here, before any loading
     run = build_run(cfg)
@@ -85,6 +87,7 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
                          "give the data a validation split (data.module.val_size / data.module.val_per_task)")
 
     deployed = method.export(run.module.model)
+    deployed = deployed.to(export_dtype(cfg.get("export_dtype"), compression.backbone_dtype))
     summary.update(
         budget=method.budget,
         params_original=compression.params_original,
@@ -94,6 +97,8 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
         metrics_before=compression.metrics_before,
         compress_wall_s=compression.apply_wall_s,
         compress_peak_mem_gb=compression.apply_peak_mem_gb,
+        backbone_dtype=str(compression.backbone_dtype).replace("torch.", ""),
+        export_dtype=str(next(deployed.parameters()).dtype).replace("torch.", ""),
         status="ok",
     )
     summary["params_ratio"] = summary["params_deployed"] / summary["params_original"]
@@ -108,6 +113,19 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
         _log_to_loggers(trainer, summary)
         _print_before_after(summary)
     return summary
+
+
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export_dtype(name: str | None, backbone_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype the deployed model is written in: `export_dtype` (null: the backbone's, whose frozen tensors are
+    already in it; the fp32 trainables are cast to it)."""
+    if name is None:
+        return backbone_dtype or torch.float32
+    if name not in EXPORT_DTYPES:
+        raise ValueError(f"export_dtype={name!r}: expected null (the backbone's dtype) or one of {list(EXPORT_DTYPES)}")
+    return EXPORT_DTYPES[name]
 
 
 def _validate(trainer: L.Trainer, run) -> dict[str, float]:

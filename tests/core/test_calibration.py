@@ -80,25 +80,37 @@ def test_shared_inputs_stored_once(tiny_llama, lm_data, losses, tmp_path):
     torch.testing.assert_close(loaded.layers[DOWN].grad_cov, stats.layers[DOWN].grad_cov)
 
 
-def test_memory_bounded_groups_equal_one_pass(tiny_llama, lm_data, losses):
+def test_one_pass_over_the_layers_given_equals_the_full_pass(tiny_llama, lm_data, losses):
+    """`calibrate` runs one pass (no hidden repeats): split into the driver's passes, each call reads the batches
+    once and its statistics equal the full pass's; a one-shot iterator works as well as a list."""
+    from jactus.core.calibration import input_groups, split_passes
+    from jactus.core.targets import find_targets
+
     make, split = lm_data
     batches = split(make(), [2, 2])
     full = calibrate(tiny_llama, batches, losses["lm"], progress=False)
+    modules = find_targets(tiny_llama)
+    groups = input_groups(tiny_llama, modules, batches[0], losses["lm"])
+    passes = split_passes(groups, modules, True, 160_000)
+    assert len(passes) >= 2
     calls = []
 
     def counting_loss(model, batch):
         calls.append(1)
         return losses["lm"](model, batch)
-    grouped = calibrate(tiny_llama, batches, counting_loss, max_stats_bytes=160_000, progress=False)
-    assert len(calls) >= 1 + 2 * len(batches)  # discovery forward + at least two passes over the batches
-    for name, st in full.layers.items():
-        torch.testing.assert_close(grouped.layers[name].input_cov, st.input_cov, rtol=1e-12, atol=0)
-        torch.testing.assert_close(grouped.layers[name].grad_cov, st.grad_cov, rtol=1e-12, atol=0)
-    assert grouped.layers[Q].input_cov is grouped.layers[K].input_cov
-    with pytest.raises(ValueError, match="one-shot iterator"):
-        calibrate(tiny_llama, iter(batches), losses["lm"], max_stats_bytes=160_000, progress=False)
-    with pytest.raises(ValueError, match="max_stats_bytes"):
-        calibrate(tiny_llama, batches, losses["lm"], max_stats_bytes=1000, progress=False)
+    for pass_groups in passes:
+        calls.clear()
+        subset = {name: modules[name] for group in pass_groups for name in group}
+        part = calibrate(tiny_llama, iter(batches), counting_loss, subset, groups=pass_groups, progress=False)
+        assert len(calls) == len(batches)  # known groups: no discovery forward, one pass
+        assert set(part.layers) == set(subset)
+        assert part.nbytes() <= 160_000
+        for name, st in part.layers.items():
+            torch.testing.assert_close(st.input_cov, full.layers[name].input_cov, rtol=1e-12, atol=0)
+            torch.testing.assert_close(st.grad_cov, full.layers[name].grad_cov, rtol=1e-12, atol=0)
+    assert full.layers[Q].input_cov is full.layers[K].input_cov
+    with pytest.raises(ValueError, match="got no calibration batches"):
+        calibrate(tiny_llama, [], losses["lm"], progress=False)
 
 
 def test_vit_all_patch_tokens_and_flags_restored(tiny_vit, vision_batches, losses):

@@ -1,4 +1,5 @@
-"""A test-only callback: each rank writes what it built, right after the method (before DDP wraps) and at the end."""
+"""A test-only callback: each rank writes what it built, right after the method (before DDP wraps), when training
+starts (after a checkpoint's weights are restored) and at the end."""
 
 from __future__ import annotations
 
@@ -20,7 +21,11 @@ class DumpPerRank(Callback):
         torch.save({"ranks": ranks, "cores": cores}, self.out_dir / f"{when}_rank{trainer.global_rank}.pt")
 
     def setup(self, trainer, pl_module, stage):  # runs after CompressionCallback.setup (callbacks run in order)
-        self._dump(trainer, pl_module, "setup")
+        if stage == "fit":  # trainer.test/validate after fit call setup again: keep the state before training
+            self._dump(trainer, pl_module, "setup")
+
+    def on_train_start(self, trainer, pl_module):
+        self._dump(trainer, pl_module, "start")
 
     def on_train_end(self, trainer, pl_module):
         self._dump(trainer, pl_module, "end")

@@ -82,10 +82,9 @@ def train(method, model, batches, loss_fn, steps: int, lr: float = 1e-2):
     for step in range(steps):
         method.on_train_batch_start(model, step, steps)
         optimizer.zero_grad()
-        loss_fn(model, batches[step % len(batches)]).backward()
-        penalty = method.penalty(model)
-        if penalty is not None:
-            penalty.backward()
+        batch = batches[step % len(batches)]
+        loss = loss_fn(model, batch) + sum(method.loss_terms(model, batch).values())  # as TaskModule.training_step
+        loss.backward()
         optimizer.step()
     model.eval()
 
@@ -142,7 +141,7 @@ def test_peft_rank_pattern_passthrough():
 ])
 def test_compress_then_adapt(backbone, compressor, allocator):
     method = CompressThenAdapt(budget=0.7, compressor=compressor, allocator=allocator, rank_multiple=2, r=2,
-                               lora_alpha=4, lora_dropout=0.0, calib_batches=2)
+                               lora_alpha=4, lora_dropout=0.0)
     model, original, batches, loss_fn = setup(backbone, method)
     names = trainable(model)
     assert names and all("lora_" in n or n.startswith("head.") for n in names)
@@ -171,7 +170,7 @@ def test_tunecomp_teacher_schedule():
 def test_tunecomp_reaches_the_budget_and_exports_the_student(backbone):
     budget, steps = 0.7, 8
     method = TuneComp(budget=budget, rank_multiple=2, init_rank_factor=1.5, prune_start=0.1, prune_end=0.6,
-                      prune_events=3, group_lasso_weight=0.1, calib_batches=2)
+                      prune_events=3, group_lasso_weight=0.1)
     model, original, batches, loss_fn = setup(backbone, method)
     layers = [m for m in model.modules() if isinstance(m, TwoBranchLinear)]
     assert layers
@@ -186,7 +185,7 @@ def test_tunecomp_reaches_the_budget_and_exports_the_student(backbone):
     train(method, model, batches, loss_fn, steps=steps)
     assert all(layer.teacher_weight == 0.0 for layer in layers)  # the last step ran the pure student
     assert sum(layer.active_rank for layer in layers) < initial
-    assert method.penalty(model) is None  # the lasso weight has decayed to zero
+    assert method.loss_terms(model, batches[0]) == {}  # the lasso weight has decayed to zero
     student = outputs(model, batches)
     deployed = method.export(model)
     assert not any(isinstance(m, TwoBranchLinear) for m in deployed.modules())
@@ -220,7 +219,7 @@ def test_cersa(backbone, energy, budget):
     lambda: LoRA(r=2), lambda: PiSSA(r=2),
     lambda: CompressThenAdapt(budget=0.7, rank_multiple=2, r=2),
     lambda: TuneComp(budget=0.7, rank_multiple=2),
-    lambda: CERSA(energy=0.5, rank_multiple=2),
+    lambda: CERSA(energy=0.5, budget=None, rank_multiple=2),
 ], ids=["lora", "pissa", "compress_then_adapt", "tunecomp", "cersa"])
 def test_structure_rebuilds_for_resume(make):
     method = make()
@@ -253,7 +252,7 @@ def test_registered():
     (lambda: TuneComp(init_rank_factor=0.5), r"init_rank_factor=0.5"),
     (lambda: TuneComp(prune_start=0.8, prune_end=0.5), r"prune_start=0.8"),
     (lambda: TuneComp(allocator="greedy"), r"allocator='greedy'"),
-    (lambda: CERSA(energy=1.2), r"energy=1.2"),
+    (lambda: CERSA(energy=1.2, budget=None), r"energy=1.2"),
     (lambda: CERSA(energy=0.9, budget=0.8), r"exactly one of"),
     (lambda: CERSA(energy=None, budget=2.0), r"budget.ratio=2.0"),
     (lambda: CERSA(scope="layer"), r"scope='layer'.*'model', 'targets'"),

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..core.params import linear_cost
+from ..core.precision import trainable_dtype
 from ..core.subspace import Metric, weight_bases, whitened_svd
 
 
@@ -39,18 +40,20 @@ def whitened_low_rank(weight: torch.Tensor, metric: Metric, rank: int) -> tuple[
     scale = svd.values[:rank].sqrt()
     up = left[:, :rank] * scale
     right = right[:, :rank] * scale
-    return up.to(weight.dtype), right.T.to(weight.dtype), svd.values[:rank]
+    dtype = trainable_dtype(weight.dtype)  # the student trains: fp32 on a half-precision weight
+    return up.to(dtype), right.T.to(dtype), svd.values[:rank]
 
 
 class TwoBranchLinear(nn.Module):
     """A frozen dense teacher and a trainable, prunable low-rank student, mixed by the teacher weight `a_t`."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, energy_momentum: float = 0.99):
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, energy_momentum: float = 0.99,
+                 teacher: nn.Linear | None = None):
         super().__init__()
         if rank <= 0:
             raise ValueError(f"rank={rank}: a two-branch layer needs at least one rank component")
         self.in_features, self.out_features = in_features, out_features
-        self.teacher = nn.Linear(in_features, out_features, bias=bias)
+        self.teacher = teacher if teacher is not None else nn.Linear(in_features, out_features, bias=bias)
         self.teacher.requires_grad_(False)
         self.down = nn.Linear(in_features, rank, bias=False)
         self.up = nn.Linear(rank, out_features, bias=bias)
@@ -63,14 +66,17 @@ class TwoBranchLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, metric: Metric | None = None) -> TwoBranchLinear:
-        """The teacher is `linear`; the student starts as its whitened rank-`rank` approximation under `metric`
-        (zeros without one: structure only, for a checkpoint about to be loaded)."""
-        layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None)
-        layer.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        """The teacher is `linear` itself (frozen, not copied); the student, in fp32 for a half-precision `linear`
+        (`core.precision`), starts as its whitened rank-`rank` approximation under `metric` (zeros without one:
+        structure only, for a checkpoint about to be loaded)."""
+        layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None, teacher=linear)
+        device, dtype = linear.weight.device, trainable_dtype(linear.weight.dtype)
+        layer.down.to(device=device, dtype=dtype)
+        layer.up.to(device=device, dtype=dtype)
+        layer.mask = layer.mask.to(device)
+        layer.component_energy = layer.component_energy.to(device)
         with torch.no_grad():
-            layer.teacher.weight.copy_(linear.weight)
             if linear.bias is not None:
-                layer.teacher.bias.copy_(linear.bias)
                 layer.up.bias.copy_(linear.bias)
             if metric is None:
                 layer.up.weight.zero_()
@@ -107,12 +113,13 @@ class TwoBranchLinear(nn.Module):
         self.down.weight[index] = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.down(x)
+        # The student may be fp32 on a bf16 teacher (core.precision); autocast casts anyway, plain runs need this.
+        hidden = self.down(x.to(self.down.weight.dtype))
         if self.training:
             with torch.no_grad():
                 energy = hidden.detach().float().pow(2).reshape(-1, hidden.shape[-1]).mean(dim=0)
                 self.component_energy.lerp_(energy.to(self.component_energy.dtype), 1.0 - self.energy_momentum)
-        student = self.up(hidden * self.mask.to(hidden.dtype))
+        student = self.up(hidden * self.mask.to(hidden.dtype)).to(x.dtype)
         a = self.teacher_weight
         if a == 0.0:
             return student

@@ -5,8 +5,12 @@ Lightning's order is: `setup` hooks -> `configure_model` -> the strategy wraps t
 wrapped the model, DDP has already registered the dense weights' gradient buckets and FSDP has flattened and sharded
 them, so replacing `nn.Linear`s by factorized layers afterwards would leave the wrapper pointing at parameters that no
 longer exist (and, under FSDP, the full weights needed for calibration would no longer be on any single rank).
-In `setup` the process group already exists, so calibration statistics are all-reduced and every rank builds the
-identical factorization.
+In `setup` the process group already exists, so calibration statistics are all-reduced, rank 0's plan and layers are
+broadcast, and every rank holds the identical factorization.
+
+Precision (METHOD.md section 8): after the method is applied (or its structure rebuilt for a resume, before Lightning
+loads the checkpoint's weights into it), every trainable tensor is cast to fp32 while the frozen ones keep the
+backbone's dtype; the trainer's precision flag must be one that keeps them so (`core.precision.check_precision`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ..core import count_params
+from ..core import check_precision, count_params, model_dtype, upcast_trainable
+from ..core.calibration import check_every_rank_has_batches
 from ..methods.base import Method, MethodContext
 from ..utils.tables import print_rank_table
 
@@ -59,26 +64,42 @@ class CompressionCallback(Callback):
         self.metrics_before: dict[str, dict[str, float]] = {}
         self.apply_wall_s: float | None = None
         self.apply_peak_mem_gb: float | None = None
+        self.backbone_dtype: torch.dtype | None = None
 
     # ---- before the strategy wraps the model -----------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.applied:
             return
+        self._check_strategy(trainer)
+        self.backbone_dtype = model_dtype(pl_module.model)
+        check_precision(trainer.precision, self.backbone_dtype)
         self.params_original = count_params(pl_module.model)
         if trainer.ckpt_path:
             self._rebuild_from_checkpoint(trainer.ckpt_path, pl_module)
         else:
             self._apply(trainer, pl_module)
+        upcast_trainable(pl_module.model)  # what trains is fp32, whatever the method left in the backbone's dtype
+        pl_module.method = self.method  # training_step adds the method's loss terms
         self.params_trainable = count_params(pl_module.model, trainable_only=True)
         self.applied = True
         summary = self.method.summary()
         if trainer.is_global_zero and summary.get("rank_map"):
             print_rank_table(summary["rank_map"], pl_module.model)
 
+    def _check_strategy(self, trainer: L.Trainer) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        if not self.method.shardable and isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            raise ValueError(f"method {self.method.name!r} cannot train under {type(trainer.strategy).__name__}: its "
+                             f"training-time hooks read and prune whole layers, which a sharding strategy splits "
+                             f"across ranks; use trainer=ddp (or trainer=gpu) instead")
+
     def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         device = trainer.strategy.root_device
         pl_module.model.to(device)
         calibration = _move(self._calibration_batches(trainer), device, trainer.global_rank, trainer.world_size)
+        # Under DDP a rank without a calibration batch would leave the others waiting in a collective: all fail.
+        check_every_rank_has_batches(len(calibration), "calibration", device)
         if self.head_warmup_steps and pl_module.head_names:
             pl_module.warmup_head(calibration, self.head_warmup_steps, self.head_warmup_lr)
         split, loader = self.before_split, None
@@ -132,12 +153,6 @@ class CompressionCallback(Callback):
     # ---- during training -------------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.method.on_train_batch_start(pl_module.model, trainer.global_step, int(trainer.estimated_stepping_batches))
-
-    def on_after_backward(self, trainer, pl_module) -> None:
-        penalty = self.method.penalty(pl_module.model)
-        if penalty is not None:
-            penalty.backward()
-            pl_module.log("train/penalty", penalty.detach(), batch_size=1)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_KEY] = {"name": self.method.name, "structure": self.method.structure()}

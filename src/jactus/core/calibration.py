@@ -60,6 +60,11 @@ class CalibrationStats:
     layers: dict[str, LayerStats]
     input_groups: list[list[str]] = field(default_factory=list)
 
+    def nbytes(self) -> int:
+        """Bytes held by the statistics, each shared input covariance counted once."""
+        tensors = {id(t): t for st in self.layers.values() for t in (st.input_cov, st.grad_cov) if t is not None}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
     def save(self, path: str | Path) -> None:
         """torch.save with each shared input covariance written once."""
         index: dict[int, int] = {}
@@ -113,7 +118,6 @@ def calibrate(
     *,
     mask_key: str = "attention_mask",
     need_gradients: bool = True,
-    max_stats_bytes: int | None = None,
     offload_to_cpu: bool = False,
     device: torch.device | str | None = None,
     progress: bool = True,
@@ -121,15 +125,16 @@ def calibrate(
     stats_dtype: torch.dtype = torch.float64,
     groups: Sequence[Sequence[str]] | None = None,
 ) -> CalibrationStats:
-    """One calibration pass (or one per memory group) -> `CalibrationStats`.
+    """One calibration pass over `batches` -> `CalibrationStats` of every target.
 
-    `batches` is a re-iterable (list, DataLoader) of batches, `loss_fn(model, batch)` the task loss; `targets` are
-    patterns for `find_targets` (None: its defaults) or a `{name: nn.Linear}` dict. Batches are moved to `device`
+    `batches` is an iterable (list, DataLoader, iterator) of batches, `loss_fn(model, batch)` the task loss; `targets`
+    are patterns for `find_targets` (None: its defaults) or a `{name: nn.Linear}` dict. Batches are moved to `device`
     (default: the model's device; the model itself is not moved). Running sums are kept in `stats_dtype` (float64 or
-    float32, see the module docstring). With `max_stats_bytes`, targets are split into groups whose statistics fit,
-    and the pass is repeated per group (same result as one pass). `groups`: the targets' shared-input groups when
-    already known (`input_groups`), which skips the forward that finds them. Under an initialised
-    `torch.distributed`, sums and token counts are all-reduced, so every rank gets identical statistics.
+    float32, see the module docstring); they all live at once, `stats_bytes` of them per shared-input group: to bound
+    that memory, `compress_model` calls this once per pass over the groups that fit. `groups`: the targets'
+    shared-input groups when already known (`input_groups`), which skips the forward that finds them. Under an
+    initialised `torch.distributed`, sums and token counts are all-reduced, so every rank gets identical statistics;
+    every rank must then call it, and if one has no batch, all of them raise.
     """
     check_stats_dtype(stats_dtype)
     modules = dict(targets) if isinstance(targets, Mapping) else find_targets(model, targets)
@@ -139,12 +144,9 @@ def calibrate(
     device = torch.device(device)
     stats_device = torch.device("cpu") if offload_to_cpu else device
     normalizer = loss_normalizer or default_loss_normalizer
-    one_shot = iter(batches) is batches
     iterator = iter(batches)
-    try:
-        first = next(iterator)
-    except StopIteration:
-        raise ValueError("calibrate got no batches") from None
+    first = next(iterator, None)
+    check_every_rank_has_batches(0 if first is None else 1, "calibrate", device)
 
     was_training = model.training
     flags = [(param, param.requires_grad) for param in model.parameters()]
@@ -155,23 +157,31 @@ def calibrate(
         if groups is None:
             groups = input_groups(model, modules, _to_device(first, device), loss_fn)
         groups = _check_groups(groups, modules)
-        passes = split_passes(groups, modules, need_gradients, max_stats_bytes, stats_dtype)
-        if len(passes) > 1 and one_shot:
-            raise ValueError(f"the statistics need {len(passes)} calibration passes under max_stats_bytes="
-                             f"{max_stats_bytes}, but `batches` is a one-shot iterator; pass a list or DataLoader")
-        layers: dict[str, LayerStats] = {}
-        for index, pass_groups in enumerate(passes):
-            source = itertools.chain([first], iterator) if index == 0 else iter(batches)
-            layers.update(_calibration_pass(
-                model, modules, pass_groups, source, loss_fn, device=device, stats_device=stats_device,
-                stats_dtype=stats_dtype, mask_key=mask_key, need_gradients=need_gradients, normalizer=normalizer,
-                progress=progress, desc=f"calibration {index + 1}/{len(passes)}",
-                total=len(batches) if hasattr(batches, "__len__") else None))
+        layers = _calibration_pass(
+            model, modules, groups, itertools.chain([first], iterator), loss_fn, device=device,
+            stats_device=stats_device, stats_dtype=stats_dtype, mask_key=mask_key, need_gradients=need_gradients,
+            normalizer=normalizer, progress=progress, desc="calibration",
+            total=len(batches) if hasattr(batches, "__len__") else None)
     finally:
         for param, flag in flags:
             param.requires_grad_(flag)
         model.train(was_training)
     return CalibrationStats({name: layers[name] for name in modules}, [g for g in groups if len(g) > 1])
+
+
+def check_every_rank_has_batches(count: int, what: str, device: torch.device | str = "cpu") -> None:
+    """Raise on every rank when any rank has no batch (a lone raise would leave the others waiting in a collective)."""
+    if distributed():
+        counts = torch.zeros(dist.get_world_size(), dtype=torch.float64)
+        counts[dist.get_rank()] = count
+        counts = _all_reduce(counts)
+        empty = [rank for rank, value in enumerate(counts.tolist()) if value == 0]
+        if empty:
+            raise ValueError(f"{what}: rank(s) {empty} of {len(counts)} got no calibration batch (batches per rank: "
+                             f"{[int(v) for v in counts.tolist()]}); the calibration set is split across ranks, so "
+                             f"it needs at least one batch per rank: raise calib.num_samples or lower the batch size")
+    elif count == 0:
+        raise ValueError(f"{what} got no calibration batches")
 
 
 def check_stats_dtype(stats_dtype) -> torch.dtype:
@@ -250,7 +260,8 @@ def stats_bytes(group: Sequence[str], modules: Mapping[str, nn.Linear], need_gra
 
 def split_passes(groups: list[list[str]], modules: Mapping[str, nn.Linear], need_gradients: bool,
                  max_stats_bytes: int | None, stats_dtype: torch.dtype = torch.float64) -> list[list[list[str]]]:
-    """Pack input groups, in order, into passes whose statistics (`stats_bytes`) fit `max_stats_bytes`."""
+    """Pack input groups, in order, into passes whose statistics (`stats_bytes`) fit `max_stats_bytes` (what
+    `compress_model` runs one `calibrate` for)."""
     if max_stats_bytes is None:
         return [groups]
 
@@ -272,15 +283,31 @@ def split_passes(groups: list[list[str]], modules: Mapping[str, nn.Linear], need
     return passes
 
 
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks when torch.distributed is initialised (CPU sums travel through CUDA under NCCL)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed():
         return tensor
     if dist.get_backend() == "nccl" and tensor.device.type == "cpu":
         on_device = tensor.cuda()
         dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
         return tensor.copy_(on_device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's values into `tensor` on every rank, in place (CPU tensors travel through CUDA under NCCL)."""
+    if not distributed():
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type == "cpu":
+        on_device = tensor.cuda()
+        dist.broadcast(on_device, src=0)
+        return tensor.copy_(on_device)
+    dist.broadcast(tensor, src=0)
     return tensor
 
 
@@ -388,7 +415,9 @@ def warmup_head(model: nn.Module, head_params: Iterable[nn.Parameter], batches: 
     """A short linear probe: train only `head_params` for `steps` steps (AdamW) with the backbone frozen.
 
     The model runs in eval mode; its mode and every `requires_grad` flag are restored afterwards. Batches are
-    cycled (re-iterated) when there are fewer than `steps`. Returns the loss of each step.
+    cycled (re-iterated) when there are fewer than `steps`. Returns the loss of each step. Under `torch.distributed`
+    every rank starts from rank 0's head and steps with the gradient averaged over the ranks' batches, so every rank
+    ends with the same head (the calibration statistics that follow depend on it).
     """
     params = list(head_params)
     if not params:
@@ -405,6 +434,7 @@ def warmup_head(model: nn.Module, head_params: Iterable[nn.Parameter], batches: 
             param.requires_grad_(False)
         for param in params:
             param.requires_grad_(True)
+            broadcast(param.data)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         iterator = iter(batches)
         while len(losses) < steps:
@@ -418,6 +448,11 @@ def warmup_head(model: nn.Module, head_params: Iterable[nn.Parameter], batches: 
             loss = loss_fn(model, _to_device(batch, device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if distributed():
+                for param in params:
+                    if param.grad is None:
+                        param.grad = torch.zeros_like(param)
+                    _all_reduce(param.grad).div_(dist.get_world_size())
             optimizer.step()
             losses.append(float(loss.detach()))
     finally:

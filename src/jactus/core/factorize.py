@@ -9,8 +9,10 @@ from torch import nn
 
 from .allocation import RankPlan
 from .decompositions import Decompositions
+from .freeze import KEEP_TRAINABLE, check_keep_trainable, train_cores
 from .layers import FactorizedLinear, LowRankLinear
 from .linalg import DEFAULT_DAMPING, check_choice
+from .precision import trainable_dtype
 from .subspace import STATS_MODES, WEIGHT_BASES
 
 METHODS = ("jactus", "svd")
@@ -20,10 +22,6 @@ LAYER_KINDS = {"factorized": FactorizedLinear, "lowrank": LowRankLinear}
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
-
-
-def _is_norm(module: nn.Module) -> bool:
-    return "norm" in type(module).__name__.lower()
 
 
 def factorize(
@@ -36,7 +34,7 @@ def factorize(
     stats_mode: str = "kfac",
     damping: float = DEFAULT_DAMPING,
     freeze: bool = True,
-    keep_trainable: Sequence[str] = ("norm", "bias"),
+    keep_trainable: Sequence[str] = KEEP_TRAINABLE,
     head_names: Sequence[str] = (),
     progress: bool = True,
     compute_dtype: str | torch.dtype = "auto",
@@ -45,15 +43,16 @@ def factorize(
 
     method: `jactus` (task-aware union with `rho` task directions, projected core) or `svd` (the same with
     `rho = 0`: the truncated SVD of the weight in the `stats_mode` metric, the compress-then-adapt baselines).
-    freeze=True: only the cores, and per `keep_trainable` the factorized layers' biases ("bias") and the norm layers
-    ("norm": any module whose class name contains Norm), plus the `head_names` modules, train. Everything else,
-    LayerScale gammas included, is frozen: METHOD.md keeps only norms and the head trainable besides the cores.
+    freeze=True: the freeze policy of `core.freeze.train_cores`: only the cores, and per `keep_trainable` the
+    factorized layers' biases ("bias") and the norm layers ("norm": any module whose class name contains Norm), plus
+    the `head_names` modules, train, in fp32. Everything else, LayerScale gammas included, is frozen: METHOD.md keeps
+    only norms and the head trainable besides the cores.
     Decompositions run in `compute_dtype` (see `Decompositions`). The model is changed in place and returned;
     `model.jactus_rank_map` records the ranks.
     """
     check_choice(method, METHODS, "method")
     check_choice(stats_mode, STATS_MODES, "stats_mode")
-    _check_keep_trainable(keep_trainable)
+    check_keep_trainable(keep_trainable)
     ranks = dict(plan.ranks if isinstance(plan, RankPlan) else plan)
     modules = dict(model.named_modules())
     _check_names(ranks, modules, (nn.Linear,))
@@ -76,10 +75,14 @@ def build_layers(
     park_on_cpu: bool = False,
     progress: bool = True,
     desc: str = "factorize",
-) -> list[dict[str, FactorizedLinear]]:
+    builder: Callable[[Decompositions, str, nn.Linear, int], nn.Module] | None = None,
+) -> list[dict[str, nn.Module]]:
     """The `FactorizedLinear` of each linear with an int rank, for each rank map (one decomposition per layer serves
     them all); the model is not changed. Goes one shared-input group at a time, releasing the group's decompositions
     (and calling `release(group)`) after it. `park_on_cpu`: build layers are moved to the CPU until they are used.
+    The factors take the weight's dtype; the core and bias, which train, at least fp32 (`core.precision`).
+    `builder(decompositions, name, linear, rank)`, when given, builds each layer instead (another compressed layer
+    from the same decompositions, e.g. TuneComp's two-branch layer).
     """
     check_choice(weight_basis, WEIGHT_BASES, "weight_basis")
     built: list[dict[str, FactorizedLinear]] = [{} for _ in rank_maps]
@@ -93,10 +96,10 @@ def build_layers(
                 if ranks.get(name) is None:
                     continue
                 with torch.no_grad():
-                    U, core, V = decompositions.factorize_layer(name, linear.weight, ranks[name], rho, weight_basis)
-                    bias = None if linear.bias is None else linear.bias.detach().clone()
-                    dtype = linear.weight.dtype
-                    layer = FactorizedLinear(U.to(dtype), core.to(dtype), V.to(dtype), bias)
+                    if builder is not None:
+                        layer = builder(decompositions, name, linear, ranks[name])
+                    else:
+                        layer = _factorized_layer(decompositions, name, linear, ranks[name], rho, weight_basis)
                 layers[name] = layer.to("cpu") if park_on_cpu else layer
             bar.update()
         decompositions.release(group)
@@ -106,45 +109,31 @@ def build_layers(
     return built
 
 
+def _factorized_layer(decompositions: Decompositions, name: str, linear: nn.Linear, rank: int, rho: float,
+                      weight_basis: str) -> FactorizedLinear:
+    U, core, V = decompositions.factorize_layer(name, linear.weight, rank, rho, weight_basis)
+    dtype = linear.weight.dtype
+    bias = None if linear.bias is None else linear.bias.detach().to(trainable_dtype(dtype), copy=True)
+    return FactorizedLinear(U.to(dtype), core.to(trainable_dtype(dtype)), V.to(dtype), bias)
+
+
 def install_layers(
     model: nn.Module,
     layers: Mapping[str, FactorizedLinear],
     ranks: Mapping[str, int | None],
     freeze: bool = True,
-    keep_trainable: Sequence[str] = ("norm", "bias"),
+    keep_trainable: Sequence[str] = KEEP_TRAINABLE,
     head_names: Sequence[str] = (),
 ) -> nn.Module:
-    """Swap `layers` into `model` (each onto the device of the linear it replaces) with the freeze policy of
-    `factorize`; `model.jactus_rank_map` is updated with `ranks`."""
-    _check_keep_trainable(keep_trainable)
-    if freeze:
-        for param in model.parameters():
-            param.requires_grad_(False)
+    """Swap `layers` into `model` (each onto the device of the linear it replaces); with `freeze`, apply the freeze
+    policy `core.freeze.train_cores`. `model.jactus_rank_map` is updated with `ranks`."""
+    check_keep_trainable(keep_trainable)
     for name, layer in layers.items():
-        layer = layer.to(model.get_submodule(name).weight.device)
-        if freeze and "bias" not in keep_trainable and layer.bias is not None:
-            layer.bias.requires_grad_(False)
-        _set_module(model, name, layer)
+        _set_module(model, name, layer.to(model.get_submodule(name).weight.device))
     if freeze:
-        for module in model.modules():
-            if "norm" in keep_trainable and _is_norm(module):
-                for param in module.parameters():
-                    param.requires_grad_(True)
-        for head in head_names:
-            try:
-                head_module = model.get_submodule(head)
-            except AttributeError as err:
-                raise ValueError(f"head module {head!r} not found in {type(model).__name__}") from err
-            for param in head_module.parameters():
-                param.requires_grad_(True)
+        train_cores(model, head_names, keep_trainable)
     model.jactus_rank_map = {**getattr(model, "jactus_rank_map", {}), **dict(ranks)}
     return model
-
-
-def _check_keep_trainable(keep_trainable: Sequence[str]) -> None:
-    unknown = [key for key in keep_trainable if key not in ("norm", "bias")]
-    if unknown:
-        raise ValueError(f"keep_trainable {unknown}: valid entries are 'norm' and 'bias'")
 
 
 def fold_factorized(model: nn.Module) -> nn.Module:

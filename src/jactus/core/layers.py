@@ -56,18 +56,24 @@ class FactorizedLinear(nn.Module):
         return self.C.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The core and bias may be fp32 on bf16 factors (core.precision); under autocast the casts below are what
+        # autocast does anyway, without it they keep one dtype per product.
         h = torch.matmul(x, self.V)  # V^T x per token: [..., r]
+        core = self.C.to(self.U.dtype)
+        bias = None if self.bias is None else self.bias.to(self.U.dtype)
         if x.numel() // self.in_features > self.out_features:
-            return F.linear(h, self.U @ self.C, self.bias)
-        return F.linear(F.linear(h, self.C), self.U, self.bias)
+            return F.linear(h, self.U @ core, bias)
+        return F.linear(F.linear(h, core), self.U, bias)
 
     @torch.no_grad()
     def fold(self) -> LowRankLinear:
-        """The deployed form: `down.weight = V^T`, `up.weight = U C`, `up.bias = bias`."""
+        """The deployed form in the factors' dtype: `down.weight = V^T`, `up.weight = U C` (formed in at least fp32),
+        `up.bias = bias`."""
         layer = LowRankLinear(self.in_features, self.out_features, self.rank, bias=self.bias is not None,
                               device=self.U.device, dtype=self.U.dtype)
         layer.down.weight.copy_(self.V.T)
-        layer.up.weight.copy_(self.U @ self.C)
+        dtype = torch.promote_types(self.U.dtype, torch.float32)
+        layer.up.weight.copy_(self.U.to(dtype) @ self.C.to(dtype))
         if self.bias is not None:
             layer.up.bias.copy_(self.bias)
         return layer

@@ -35,6 +35,7 @@ class TaskModule(L.LightningModule):
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"optim.warmup_ratio={warmup_ratio}: expected a value in [0, 1)")
         self.model = model
+        self.method = None  # set by CompressionCallback: its `loss_terms` join the task loss
         self.head_names = list(head_names)
         self.lr, self.weight_decay = lr, weight_decay
         self.warmup_ratio, self.min_lr_ratio = warmup_ratio, min_lr_ratio
@@ -67,15 +68,29 @@ class TaskModule(L.LightningModule):
     # ---- training --------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         loss = self.calibration_loss(self.model, batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=self._batch_size(batch))
+        batch_size = self._batch_size(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        # The method's terms (TuneComp's group lasso, ...) join the loss here, so the precision plugin's loss scaling
+        # and gradient accumulation treat them exactly like the task loss.
+        terms = self.method.loss_terms(self.model, batch) if self.method is not None else {}
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach(), batch_size=batch_size)
+            loss = loss + value
+        if terms:
+            self.log("train/total_loss", loss.detach(), batch_size=batch_size)
         return loss
 
     def configure_optimizers(self):
+        from ..core import FactorizedLinear
+
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("no trainable parameters: the method froze everything")
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
+        # Weight decay pulls a parameter toward zero: right for a dense weight or a head, wrong for a core, where
+        # zero means a layer with zero output rather than the pretrained weights; cores never decay.
+        cores = {id(m.C) for m in self.model.modules() if isinstance(m, FactorizedLinear)}
+        decay = [p for p in params if p.ndim >= 2 and id(p) not in cores]
+        no_decay = [p for p in params if p.ndim < 2 or id(p) in cores]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.lr,

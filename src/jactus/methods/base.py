@@ -7,13 +7,16 @@ hooks; the methods themselves are plain PyTorch and never import Lightning or Hy
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from ..core.bounded import resolve_max_stats_bytes
+from ..core.freeze import is_norm, set_trainable, train_cores  # noqa: F401  (re-exported for the methods)
+from ..core.linalg import EIG_METHODS
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -30,11 +33,58 @@ class MethodContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
+STATS_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+COMPUTE_DTYPES = {"auto": "auto", "float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class CalibSettings:
+    """How a compressing method holds and decomposes its calibration statistics: the memory options of the `calib`
+    config group, passed to the one compression driver `compress_model` (docs/SCALING.md)."""
+
+    max_stats_bytes: int | str | None = None  # None: one pass; bytes, "22GB"/"20GiB", or "auto"
+    stats_dtype: str = "float64"
+    offload_to_cpu: bool = False
+    park_layers_on_cpu: bool = False
+    compute_dtype: str = "auto"
+    eig_method: str = "auto"
+
+    def __post_init__(self):
+        choice(self.stats_dtype, list(STATS_DTYPES), "calib.stats_dtype")
+        choice(self.compute_dtype, list(COMPUTE_DTYPES), "calib.compute_dtype")
+        choice(self.eig_method, list(EIG_METHODS), "calib.eig_method")
+        for key in ("offload_to_cpu", "park_layers_on_cpu"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"calib.{key}={getattr(self, key)!r}: expected true or false")
+        if not (isinstance(self.max_stats_bytes, str) and self.max_stats_bytes.strip().lower() == "auto"):
+            try:
+                resolve_max_stats_bytes(self.max_stats_bytes)
+            except ValueError as err:
+                raise ValueError(f"calib.{err}") from None
+
+    @classmethod
+    def from_config(cls, calib: Mapping | None) -> CalibSettings:
+        """The memory options from a `calib` mapping (the group's other keys, e.g. num_samples, are not ours)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in (calib or {}).items() if key in names})
+
+    def driver_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `compress_model`."""
+        return {"max_stats_bytes": self.max_stats_bytes, "stats_dtype": STATS_DTYPES[self.stats_dtype],
+                "offload_to_cpu": self.offload_to_cpu, "park_layers_on_cpu": self.park_layers_on_cpu,
+                "compute_dtype": COMPUTE_DTYPES[self.compute_dtype], "eig_method": self.eig_method}
+
+
 class Method:
-    """Base class. Subclasses set `name`, and `compresses = True` when the deployed model is smaller."""
+    """Base class. Subclasses set `name`, and `compresses = True` when the deployed model is smaller.
+
+    `shardable = False` marks a method whose training-time hooks need every layer's full tensors on each rank
+    (TuneComp's pruning), which a sharding strategy (FSDP) does not give; the Lightning shell refuses that pairing.
+    """
 
     name: ClassVar[str] = "base"
     compresses: ClassVar[bool] = False
+    shardable: ClassVar[bool] = True
 
     def apply(self, ctx: MethodContext) -> nn.Module:
         """Prepare `ctx.model` for training; return the module to train (usually the same object)."""
@@ -43,9 +93,11 @@ class Method:
     def on_train_batch_start(self, model: nn.Module, step: int, max_steps: int) -> None:
         """Per-step schedules (TuneComp's teacher decay, pruning)."""
 
-    def penalty(self, model: nn.Module) -> torch.Tensor | None:
-        """An extra loss term the trainer back-propagates after the task loss (None: none)."""
-        return None
+    def loss_terms(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """Extra terms of the training loss on this batch, by name (penalties; {} for none). The LightningModule adds
+        them to the task loss in `training_step`, so the precision plugin's loss scaling and gradient accumulation
+        treat them as they treat the task loss; each is logged as `train/<name>`."""
+        return {}
 
     def export(self, model: nn.Module) -> nn.Module:
         """The deployable model: adapters merged, factors folded, teacher branches dropped."""
@@ -91,42 +143,6 @@ def get_method_class(name: str) -> type[Method]:
     return REGISTRY[name]
 
 
-_NORM_CLASS = re.compile(r"norm", re.IGNORECASE)
-
-
-def is_norm(module: nn.Module) -> bool:
-    """LayerNorm, RMSNorm (HF LlamaRMSNorm), GroupNorm, ...: any module whose class name says Norm."""
-    return bool(_NORM_CLASS.search(type(module).__name__))
-
-
-def set_trainable(
-    model: nn.Module,
-    *,
-    head_names: Sequence[str] = (),
-    norms: bool = False,
-    extra: Callable[[str, nn.Parameter], bool] | None = None,
-) -> None:
-    """Freeze every parameter, then unfreeze the heads, (optionally) the norms, and whatever `extra` selects."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for name in head_names:
-        try:
-            head = model.get_submodule(name)
-        except AttributeError as err:
-            raise ValueError(f"head module {name!r} not found in {type(model).__name__}") from err
-        for param in head.parameters():
-            param.requires_grad_(True)
-    if norms:
-        for module in model.modules():
-            if is_norm(module):
-                for param in module.parameters(recurse=False):
-                    param.requires_grad_(True)
-    if extra is not None:
-        for name, param in model.named_parameters():
-            if extra(name, param):
-                param.requires_grad_(True)
-
-
 def choice(value, valid: Sequence[str], key: str):
     if value not in valid:
         raise ValueError(f"{key}={value!r}: expected one of {list(valid)}")
@@ -139,19 +155,6 @@ def check_positive(value, key: str, allow_none: bool = False):
     if not isinstance(value, int) or value <= 0:
         raise ValueError(f"{key}={value!r}: expected a positive integer{' or null' if allow_none else ''}")
     return value
-
-
-def train_cores(model: nn.Module, head_names: Sequence[str]) -> None:
-    """What `core.factorize(freeze=True)` trains: the cores and biases of factorized layers, norms, task heads."""
-    from ..core import FactorizedLinear
-
-    factorized = {name for name, module in model.named_modules() if isinstance(module, FactorizedLinear)}
-
-    def is_core_or_bias(name: str, _) -> bool:
-        layer, _, leaf = name.rpartition(".")
-        return layer in factorized and leaf in ("C", "bias")
-
-    set_trainable(model, head_names=head_names, norms=True, extra=is_core_or_bias)
 
 
 def check_budget(budget: float, method: str) -> float:

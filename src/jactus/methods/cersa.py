@@ -1,20 +1,20 @@
 """CERSA: weight-only SVD keeping a fraction of spectral energy per layer, then train the k x k core.
 
-Each target linear becomes `U C V^T` from the plain SVD of its own weight (no data statistics): the rank keeps the
-fraction `energy` of the squared singular values (0.90 / 0.95), or, with `budget` set (`energy` null), the one
-fraction for all layers that meets the retained-parameter budget. The cores `C`, biases, norms and task heads train;
+Each target linear becomes `U C V^T` from the plain SVD of its own weight (no data statistics): with `budget` set
+(the default, `budget.ratio`, like every compressing method) the one energy fraction for all layers that meets the
+retained-parameter budget, or, with `energy` set and `budget` null, the ranks keeping that fraction of the squared
+singular values (the paper's 0.90 / 0.95 rows, whose size is what it turns out to be). The cores `C`, biases, norms and task heads train;
 `U` and `V` stay frozen. `export` folds each core (`U <- U C`) into a deployed `LowRankLinear`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from ..core import FactorizedLinear, RankPlan, apply_rank_map, factorize, fold_factorized, plan_ranks
-from .base import Method, MethodContext, check_budget, check_positive, choice, register, train_cores
-from .compress_then_adapt import SCOPES
+from ..core import SCOPES, FactorizedLinear, RankPlan, apply_rank_map, compress_model, fold_factorized
+from .base import CalibSettings, Method, MethodContext, check_budget, check_positive, choice, register, train_cores
 
 
 @register("cersa")
@@ -23,11 +23,12 @@ class CERSA(Method):
 
     def __init__(
         self,
-        energy: float | None = 0.90,
-        budget: float | None = None,
+        energy: float | None = None,
+        budget: float | None = 0.8,
         scope: str = "model",
         rank_multiple: int = 8,
         targets: Sequence[str] | None = None,
+        calib: Mapping | None = None,
     ):
         if (energy is None) == (budget is None):
             raise ValueError(f"cersa: set exactly one of method.energy (a spectral-energy fraction, e.g. 0.90) "
@@ -40,6 +41,7 @@ class CERSA(Method):
         self.scope = choice(scope, SCOPES, "budget.scope")
         self.rank_multiple = check_positive(rank_multiple, "allocator.rank_multiple")
         self.targets = list(targets) if targets else None
+        self.calib = CalibSettings.from_config(calib)
         self.plan: RankPlan | None = None
         self.head_names: list[str] = []
 
@@ -51,12 +53,14 @@ class CERSA(Method):
         return None if self.plan is None else self.plan.ratio
 
     def apply(self, ctx: MethodContext) -> nn.Module:
-        # Weight-only: no calibration statistics at all.
-        self.plan = plan_ranks(ctx.model, None, self._budget, allocator="energy", scope=self.scope, rank_multiple=self.rank_multiple,
-                               stats_mode="none", energy=self.energy, targets=self.targets)
+        # Weight-only: no calibration statistics at all (the driver's decomposition dtype and parking still apply).
         self.head_names = list(ctx.head_names)
-        return factorize(ctx.model, None, self.plan, method="svd", weight_basis="plain", stats_mode="none",
-                         head_names=self.head_names)
+        model, self.plan = compress_model(ctx.model, None, None, self._budget, targets=self.targets,
+                                          allocator="energy", scope=self.scope, rank_multiple=self.rank_multiple,
+                                          rho=0.0, weight_basis="plain", stats_mode="none", energy=self.energy,
+                                          head_names=self.head_names, device=ctx.device,
+                                          **self.calib.driver_kwargs())
+        return model
 
     def export(self, model: nn.Module) -> nn.Module:
         return fold_factorized(model)

@@ -1,39 +1,39 @@
 """Compress first, then adapt: task-agnostic low-rank compression to the budget, then LoRA on the factors.
 
-1. Calibrate input statistics only (`Sx`, no task gradients) on the unlabeled calibration inputs.
-2. Plan the ranks (`uniform` or `marginal_gain`) and factorize every target linear with one of the classic
-   compressors: `svd` (plain SVD of W), `asvd` (activation-aware diagonal scaling), `svdllm` (whitening by `Sx`);
-   the core is folded at once, so each layer is a deployed `LowRankLinear` (`down` n -> r, `up` r -> m).
+1. Calibrate input statistics only (`Sx`, no task gradients) on the unlabeled calibration inputs (the
+   memory-bounded driver `compress_model`, with the `calib` group's memory options).
+2. Plan the ranks (`uniform` or `marginal_gain`, the `allocator` group) and factorize every target linear with one of
+   the classic compressors: `svd` (plain SVD of W), `asvd` (activation-aware diagonal scaling), `svdllm` (whitening by
+   `Sx`); the core is folded at once, so each layer is a deployed `LowRankLinear` (`down` n -> r, `up` r -> m).
 3. HF PEFT LoRA on every factor linear (`*.down`, `*.up`); only the adapters (and task heads) train.
 `export` merges each adapter into its factor, so the deployed model has exactly the compressed size.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from peft import inject_adapter_in_model
 from torch import nn
 
-from ..core import LowRankLinear, apply_rank_map, calibrate, factorize, fold_factorized, plan_ranks
-from .base import Method, MethodContext, check_budget, check_positive, choice, register, set_trainable
+from ..core import SCOPES, LowRankLinear, apply_rank_map, compress_model, fold_factorized
+from .base import CalibSettings, Method, MethodContext, check_budget, check_positive, choice, register, set_trainable
 from .peft_adapters import check_lora_options, is_adapter_parameter, lora_config, merge_adapters
 
 # compressor -> the statistics mode of core.factorize that implements it
 COMPRESSORS = {"svd": "none", "asvd": "asvd", "svdllm": "input"}
+# the allocators of a task-agnostic compressor (energy is CERSA's)
 ALLOCATORS = ("uniform", "marginal_gain")
-SCOPES = ("model", "targets")
 
 
-def first_batches(batches: Iterable | None, count: int | None, method: str) -> list:
-    """The first `count` calibration batches (all when `count` is None), materialised once."""
+def calibration_batches(batches: Iterable | None, method: str) -> list:
+    """The calibration set, materialised once (the driver reads it once per pass)."""
     if batches is None:
         raise ValueError(f"method {method!r} needs calibration batches (the datamodule's calibration_dataloader())")
-    selected = list(batches) if count is None else list(itertools.islice(iter(batches), count))
-    if not selected:
+    batches = list(batches)
+    if not batches:
         raise ValueError(f"method {method!r}: the calibration set is empty")
-    return selected
+    return batches
 
 
 def factor_linears(model: nn.Module) -> list[str]:
@@ -60,9 +60,8 @@ class CompressThenAdapt(Method):
         lora_dropout: float = 0.05,
         damping: float = 1e-2,
         targets: Sequence[str] | None = None,
-        calib_batches: int | None = None,
-        max_stats_bytes: int | None = None,
         mask_key: str = "attention_mask",
+        calib: Mapping | None = None,
     ):
         self._budget = check_budget(budget, "compress_then_adapt")
         self.compressor = choice(compressor, list(COMPRESSORS), "method.compressor")
@@ -75,8 +74,8 @@ class CompressThenAdapt(Method):
             raise ValueError(f"calib.damping={damping!r}: expected >= 0")
         self.damping = float(damping)
         self.targets = list(targets) if targets else None
-        self.calib_batches = check_positive(calib_batches, "method.calib_batches", allow_none=True)
-        self.max_stats_bytes, self.mask_key = max_stats_bytes, mask_key
+        self.mask_key = mask_key
+        self.calib = CalibSettings.from_config(calib)
         self.plan = None
         self.head_names: list[str] = []
         self.adapted_layers: list[str] = []
@@ -90,16 +89,16 @@ class CompressThenAdapt(Method):
         return COMPRESSORS[self.compressor]
 
     def apply(self, ctx: MethodContext) -> nn.Module:
-        batches = first_batches(ctx.calibration_batches, self.calib_batches, self.name)
-        # Task-agnostic: input statistics of the unlabeled inputs only, no task gradients.
-        stats = calibrate(ctx.model, batches, ctx.loss_fn, targets=self.targets, mask_key=self.mask_key,
-                          need_gradients=False, max_stats_bytes=self.max_stats_bytes, device=ctx.device)
-        self.plan = plan_ranks(ctx.model, stats, self.budget, allocator=self.allocator, scope=self.scope,
-                               rank_multiple=self.rank_multiple, stats_mode=self.stats_mode, damping=self.damping,
-                               targets=self.targets)
+        batches = None if self.stats_mode == "none" else calibration_batches(ctx.calibration_batches, self.name)
         self.head_names = list(ctx.head_names)
-        model = factorize(ctx.model, stats, self.plan, method="svd", stats_mode=self.stats_mode,
-                          damping=self.damping, head_names=self.head_names)
+        # Task-agnostic: input statistics of the unlabeled inputs only (no task gradients), the weight's own SVD in
+        # that metric (rho = 0: no task directions).
+        model, self.plan = compress_model(ctx.model, batches, ctx.loss_fn, self.budget, targets=self.targets,
+                                          allocator=self.allocator, scope=self.scope,
+                                          rank_multiple=self.rank_multiple, rho=0.0, weight_basis="whitened",
+                                          stats_mode=self.stats_mode, damping=self.damping, mask_key=self.mask_key,
+                                          head_names=self.head_names, device=ctx.device,
+                                          **self.calib.driver_kwargs())
         return self._adapt(fold_factorized(model))
 
     def _adapt(self, model: nn.Module) -> nn.Module:

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-import torch
 from torch import nn
 
-from ..core import apply_rank_map, compress_model, fold_factorized
-from .base import Method, MethodContext, check_budget, choice, register, train_cores
-
-ALLOCATORS = ("marginal_gain", "uniform", "energy")
-SCOPES = ("model", "targets")
-STATS_MODES = ("kfac", "input", "gradient", "none", "asvd")
-WEIGHT_BASES = ("whitened", "plain")
-STATS_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+from ..core import ALLOCATORS, SCOPES, STATS_MODES, apply_rank_map, compress_model, fold_factorized
+from ..core.subspace import WEIGHT_BASES
+from .base import CalibSettings, Method, MethodContext, check_budget, choice, register, train_cores
 
 
 @register("jactus")
@@ -23,8 +17,8 @@ class Jactus(Method):
 
     The ablations of the paper are knobs: `rho=0` (weight subspace only), `weight_basis=plain`,
     `allocator=uniform`, `stats_mode=input` (Sg = I) or `gradient` (Sx = I). Compression runs through the
-    memory-bounded `compress_model`: `max_stats_bytes` bounds the statistics held at once, `stats_dtype` is the
-    dtype of their running sums ("float64", or "float32" for half the memory).
+    memory-bounded `compress_model` with the `calib` group's memory options (`CalibSettings`: `max_stats_bytes`
+    bounds the statistics held at once, `stats_dtype` is the dtype of their running sums, ...).
     """
 
     compresses = True
@@ -40,9 +34,8 @@ class Jactus(Method):
         stats_mode: str = "kfac",
         damping: float = 1e-2,
         targets: Sequence[str] | None = None,
-        max_stats_bytes: int | None = None,
         mask_key: str = "attention_mask",
-        stats_dtype: str = "float64",
+        calib: Mapping | None = None,
     ):
         self._budget = check_budget(budget, "jactus")
         self.scope = choice(scope, SCOPES, "budget.scope")
@@ -57,8 +50,8 @@ class Jactus(Method):
             raise ValueError(f"calib.damping={damping}: expected >= 0")
         self.rank_multiple, self.rho, self.damping = int(rank_multiple), float(rho), float(damping)
         self.targets = list(targets) if targets else None
-        self.max_stats_bytes, self.mask_key = max_stats_bytes, mask_key
-        self.stats_dtype = STATS_DTYPES[choice(stats_dtype, list(STATS_DTYPES), "calib.stats_dtype")]
+        self.mask_key = mask_key
+        self.calib = CalibSettings.from_config(calib)
         self.plan = None
         self.compress_stats: dict | None = None
         self.head_names: list[str] = []
@@ -84,11 +77,10 @@ class Jactus(Method):
             weight_basis=self.weight_basis,
             stats_mode=self.stats_mode,
             damping=self.damping,
-            max_stats_bytes=self.max_stats_bytes,
-            stats_dtype=self.stats_dtype,
             mask_key=self.mask_key,
             head_names=ctx.head_names,
             device=ctx.device,
+            **self.calib.driver_kwargs(),
         )
         self.compress_stats = model.jactus_compress_stats
         return model
@@ -108,7 +100,7 @@ class Jactus(Method):
         self.plan = RankPlan.from_dict(structure["plan"])
         self.head_names = list(structure["head_names"])
         apply_rank_map(model, self.plan.ranks, layer_cls="factorized")
-        train_cores(model, self.head_names)  # the trainable set of factorize(freeze=True)
+        train_cores(model, self.head_names)  # the one freeze policy, as compress_model applied it
         return model
 
     def summary(self) -> dict:

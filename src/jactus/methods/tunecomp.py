@@ -12,23 +12,27 @@ Decisions where the method's description is silent (each a knob):
   E[(a_j . x)^2] is a running mean over training inputs (initialised from the calibration covariance) and is
   averaged across processes before each pruning, so every rank prunes the same components.
 - Trainable: the student factors and bias, norms and task heads (JACTUS's policy with the student in place of its
-  cores); the teacher and everything else are frozen. Logit distillation is not implemented (the Method hooks see no batch).
+  cores), in fp32; the teacher (the original linear itself, not a copy) and everything else are frozen. Logit
+  distillation is not implemented yet.
+- The group lasso joins the task loss in `training_step` (`loss_terms`), so loss scaling and gradient accumulation
+  treat it like the task loss. Pruning reads and zeroes whole factor columns on every rank: under FSDP, which shards
+  them, TuneComp is refused (`shardable = False`); DDP is fine.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..baselines.tunecomp import TwoBranchLinear, deployed_cost, group_lasso, select_prunable, teacher_weight
-from ..core import LowRankLinear, calibrate, count_params, find_targets, plan_ranks
-from ..core.subspace import layer_metric
-from .base import Method, MethodContext, check_budget, check_positive, choice, register, set_trainable
-from .compress_then_adapt import ALLOCATORS, SCOPES, first_batches
+from ..core import SCOPES, LowRankLinear, compress_model, count_params, find_targets
+from ..core.decompositions import Decompositions
+from .base import CalibSettings, Method, MethodContext, check_budget, check_positive, choice, register, set_trainable
+from .compress_then_adapt import ALLOCATORS, calibration_batches
 
 
 def two_branch_layers(model: nn.Module) -> dict[str, TwoBranchLinear]:
@@ -38,6 +42,7 @@ def two_branch_layers(model: nn.Module) -> dict[str, TwoBranchLinear]:
 @register("tunecomp")
 class TuneComp(Method):
     compresses = True
+    shardable = False
 
     def __init__(
         self,
@@ -52,9 +57,8 @@ class TuneComp(Method):
         prune_events: int = 10,
         damping: float = 1e-2,
         targets: Sequence[str] | None = None,
-        calib_batches: int | None = None,
-        max_stats_bytes: int | None = None,
         mask_key: str = "attention_mask",
+        calib: Mapping | None = None,
     ):
         self._budget = check_budget(budget, "tunecomp")
         self.scope = choice(scope, SCOPES, "budget.scope")
@@ -76,8 +80,8 @@ class TuneComp(Method):
         self.prune_events = check_positive(prune_events, "method.prune_events")
         self.damping = float(damping)
         self.targets = list(targets) if targets else None
-        self.calib_batches = check_positive(calib_batches, "method.calib_batches", allow_none=True)
-        self.max_stats_bytes, self.mask_key = max_stats_bytes, mask_key
+        self.mask_key = mask_key
+        self.calib = CalibSettings.from_config(calib)
         self.head_names: list[str] = []
         self.target_ranks: dict[str, int | None] = {}
         self.init_ranks: dict[str, int] = {}
@@ -91,40 +95,37 @@ class TuneComp(Method):
 
     # ---- preparation -----------------------------------------------------------------------------------------
     def apply(self, ctx: MethodContext) -> nn.Module:
-        batches = first_batches(ctx.calibration_batches, self.calib_batches, self.name)
-        stats = calibrate(ctx.model, batches, ctx.loss_fn, targets=self.targets, mask_key=self.mask_key,
-                          need_gradients=False, max_stats_bytes=self.max_stats_bytes, device=ctx.device)
-        plan = plan_ranks(ctx.model, stats, self.budget, allocator=self.allocator, scope=self.scope,
-                          rank_multiple=self.rank_multiple, stats_mode="input", damping=self.damping,
-                          targets=self.targets)
-        self.target_ranks = dict(plan.ranks)
+        batches = calibration_batches(ctx.calibration_batches, self.name)
         targets = find_targets(ctx.model, self.targets)
-        for name, rank in self.target_ranks.items():
-            if rank is not None:
-                linear = targets[name]
-                self.init_ranks[name] = min(math.ceil(self.init_rank_factor * rank),
-                                            min(linear.in_features, linear.out_features))
-        self._account(ctx.model, targets)
-        self.head_names = list(ctx.head_names)
-        for name, rank in self.init_ranks.items():
-            metric = layer_metric(stats.layers[name], "input", self.damping, layer=name,
-                                  device=targets[name].weight.device)
-            ctx.model.set_submodule(name, TwoBranchLinear.from_linear(targets[name], rank, metric))
-        self._set_trainable(ctx.model)
-        return ctx.model
-
-    def _account(self, model: nn.Module, targets: dict[str, nn.Linear]) -> None:
-        """Original parameters in the budget's scope, and the part of them the two-branch layers do not replace."""
         dense = {name: linear.weight.numel() + (linear.bias.numel() if linear.bias is not None else 0)
                  for name, linear in targets.items()}
-        self.params_original = count_params(model) if self.scope == "model" else sum(dense.values())
+        params_model = count_params(ctx.model)
+        self.head_names = list(ctx.head_names)
+        self.init_ranks = {}
+        # The bounded driver plans the target ranks from the input-whitened spectra and builds each two-branch
+        # layer from the same decompositions (SVD-LLM initialisation at the larger initial rank).
+        model, plan = compress_model(ctx.model, batches, ctx.loss_fn, self.budget, targets=targets,
+                                     allocator=self.allocator, scope=self.scope, rank_multiple=self.rank_multiple,
+                                     rho=0.0, stats_mode="input", damping=self.damping, mask_key=self.mask_key,
+                                     head_names=self.head_names, device=ctx.device, build_layer=self._two_branch,
+                                     **self.calib.driver_kwargs())
+        self.target_ranks = dict(plan.ranks)
+        # Original parameters in the budget's scope, and the part of them the two-branch layers do not replace.
+        self.params_original = params_model if self.scope == "model" else sum(dense.values())
         self.params_fixed = self.params_original - sum(dense[name] for name in self.init_ranks)
+        self._set_trainable(model)
+        return model
+
+    def _two_branch(self, decompositions: Decompositions, name: str, linear: nn.Linear, rank: int) -> TwoBranchLinear:
+        """`compress_model`'s layer builder: the student starts at `ceil(init_rank_factor * rank)` components."""
+        self.init_ranks[name] = min(math.ceil(self.init_rank_factor * rank), min(linear.in_features,
+                                                                                  linear.out_features))
+        return TwoBranchLinear.from_linear(linear, self.init_ranks[name], decompositions.metric(name, linear.weight))
 
     def _set_trainable(self, model: nn.Module) -> None:
-        set_trainable(model, head_names=self.head_names, norms=True)
-        for layer in two_branch_layers(model).values():
-            layer.down.requires_grad_(True)
-            layer.up.requires_grad_(True)
+        students = {id(param) for layer in two_branch_layers(model).values()
+                    for param in (*layer.down.parameters(), *layer.up.parameters())}
+        set_trainable(model, head_names=self.head_names, norms=True, extra=lambda _, param: id(param) in students)
 
     # ---- training --------------------------------------------------------------------------------------------
     def params_target(self) -> int:
@@ -167,11 +168,11 @@ class TuneComp(Method):
         for name, components in select_prunable(layers, params_now, params_target).items():
             layers[name].prune(components)
 
-    def penalty(self, model: nn.Module) -> torch.Tensor | None:
-        if self.lasso_scale == 0.0:
-            return None
+    def loss_terms(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
         layers = list(two_branch_layers(model).values())
-        return self.lasso_scale * group_lasso(layers) if layers else None
+        if self.lasso_scale == 0.0 or not layers:
+            return {}
+        return {"group_lasso": self.lasso_scale * group_lasso(layers)}
 
     # ---- deployment ------------------------------------------------------------------------------------------
     def export(self, model: nn.Module) -> nn.Module:

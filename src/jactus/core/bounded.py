@@ -1,4 +1,6 @@
-"""Memory-bounded compression: calibrate, plan and factorize a model whose statistics do not fit in memory at once.
+"""Memory-bounded compression, the one compression driver: calibrate, plan and factorize a model whose statistics
+may not fit in memory at once. Every compressing method (jactus, cersa, compress_then_adapt, tunecomp) runs it;
+`calibrate` itself does one pass over the layers it is given.
 
 `compress_model` packs the targets, whole shared-input groups at a time, into passes whose statistics fit
 `max_stats_bytes` (`split_passes`), then:
@@ -14,12 +16,19 @@ Nothing is swapped into the model before every pass is done, so each calibration
 equals one `calibrate -> plan_ranks -> factorize` over all layers. Cost: P calibration passes in phase 1 and P - 1 in
 phase 2; memory: the model, one pass's statistics, the decompositions of one shared-input group, and the layers built
 so far (on the CPU with `park_layers_on_cpu`).
+
+Under `torch.distributed` the statistics are all-reduced (`calibrate`), rank 0's plan is broadcast and so are the
+built layers, so every rank holds the same layer shapes and values even where floating point would break a tie in
+the allocation differently on two ranks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
+import os
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -31,8 +40,11 @@ from .allocation import ALLOCATORS, SCOPES, RankPlan, plan_ranks
 from .calibration import (
     LossFn,
     _to_device,
+    broadcast,
     calibrate,
+    check_every_rank_has_batches,
     check_stats_dtype,
+    distributed,
     input_groups,
     split_passes,
     stats_bytes,
@@ -42,6 +54,52 @@ from .factorize import build_layers, install_layers
 from .linalg import COMPUTE_DTYPES, DEFAULT_DAMPING, EIG_METHODS, check_choice
 from .subspace import STATS_MODES, WEIGHT_BASES
 from .targets import find_targets
+
+# `max_stats_bytes="auto"`: this fraction of the device memory free when compression starts (the model already on
+# it); the rest is for the calibration forward/backward, the decompositions of one group and the built layers.
+AUTO_STATS_FRACTION = 0.5
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+LayerBuilder = Callable[[Decompositions, str, nn.Linear, int], nn.Module]
+
+
+def free_memory_bytes(device: torch.device | str) -> int:
+    """Free memory of `device`: CUDA's free bytes, or the host's available memory for the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def resolve_max_stats_bytes(value, device: torch.device | str = "cpu") -> int | None:
+    """`max_stats_bytes` as bytes: None (one pass), a positive integer, a size with a unit ("22GB", "20GiB",
+    "500MB") or "auto" (`AUTO_STATS_FRACTION` of the device's free memory)."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"max_stats_bytes={value!r}: expected null, a number of bytes, a size such as '22GB', or auto")
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return max(1, int(AUTO_STATS_FRACTION * free_memory_bytes(device)))
+        match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b|b)?", text)
+        if match is None:
+            raise ValueError(f"max_stats_bytes={value!r}: expected null, a number of bytes, a size such as '22GB' "
+                             f"or '20GiB', or auto")
+        value = float(match.group(1)) * _UNITS[match.group(2) or ""]
+    if isinstance(value, float):
+        value = int(value)
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"max_stats_bytes={value!r}: expected a positive number of bytes, a size such as '22GB', "
+                         f"auto, or null")
+    return value
 
 
 class _StageClock:
@@ -68,9 +126,9 @@ class _StageClock:
 
 def compress_model(
     model: nn.Module,
-    batches: Iterable,
-    loss_fn: LossFn,
-    budget: float | Sequence[float],
+    batches: Iterable | None,
+    loss_fn: LossFn | None,
+    budget: float | Sequence[float] | None,
     *,
     targets: Sequence[str] | Mapping[str, nn.Linear] | None = None,
     allocator: str = "marginal_gain",
@@ -80,7 +138,8 @@ def compress_model(
     weight_basis: str = "whitened",
     stats_mode: str = "kfac",
     damping: float = DEFAULT_DAMPING,
-    max_stats_bytes: int | None = None,
+    energy: float | None = None,
+    max_stats_bytes: int | str | None = None,
     stats_dtype: torch.dtype = torch.float64,
     compute_dtype: str | torch.dtype = "auto",
     eig_method: str = "auto",
@@ -91,25 +150,38 @@ def compress_model(
     device: torch.device | str | None = None,
     progress: bool = True,
     loss_normalizer: Callable[[Any], float] | None = None,
+    build_layer: LayerBuilder | None = None,
 ) -> tuple[nn.Module, RankPlan] | list[tuple[nn.Module, RankPlan]]:
     """Compress `model` to `budget` in bounded memory (module docstring) -> `(model, plan)`, the model changed in
     place with the freeze policy of `factorize(freeze=True)`.
 
     Arguments are those of `calibrate`, `plan_ranks` and `factorize`. `max_stats_bytes` bounds the statistics held at
-    once (bytes per element follow `stats_dtype`; None: one pass); `offload_to_cpu` keeps the running sums in host
+    once (bytes per element follow `stats_dtype`; None: one pass; "auto" or a size such as "22GB":
+    `resolve_max_stats_bytes`); `offload_to_cpu` keeps the running sums in host
     memory (slow on a GPU: every batch's `X^T X` crosses PCIe) and implies `park_layers_on_cpu`, which keeps built
     layers on the CPU until the swap (cheap: each crosses once each way), so that phase 2's recalibrations do not
     hold them on the device. Decompositions run on the weights' device in `compute_dtype`, with `eig_method` for
     the task directions (see `Decompositions`). `batches` must be re-iterable. A list of budgets gives a list
     of `(model, plan)` from the same passes, one copy of the dense model per extra budget (the last budget's model
     is `model` itself). `model.jactus_compress_stats` records the passes, their statistics' bytes, seconds per stage
-    and the layers redone in float64.
+    and the layers redone in float64, and `peak_stats_bytes`, the largest statistics held at once as counted from the
+    tensors themselves.
+
+    `energy` (with `allocator="energy"` and `budget=None`): every layer keeps that fraction of its spectral energy
+    (CERSA). `stats_mode="none"` reads no statistics, so `batches` and `loss_fn` may be None. `build_layer(
+    decompositions, name, linear, rank)` replaces the default `FactorizedLinear` builder (`factorize`'s layer) by
+    another compressed layer built from the same decompositions (TuneComp's two-branch layer); the built layers are
+    swapped in with the freeze policy `train_cores`, which a method with other trainables then overrides.
     """
     single = not isinstance(budget, (list, tuple))
     budgets = [budget] if single else list(budget)
     _check_arguments(model, budgets, allocator, scope, rank_multiple, rho, weight_basis, stats_mode, damping,
-                     max_stats_bytes, stats_dtype, compute_dtype, eig_method, head_names)
-    if iter(batches) is batches:
+                     energy, stats_dtype, compute_dtype, eig_method, head_names)
+    need_stats = stats_mode != "none"
+    need_gradients = stats_mode in ("kfac", "gradient")
+    if need_stats and (batches is None or loss_fn is None):
+        raise ValueError(f"stats_mode={stats_mode!r} needs calibration batches and a loss_fn")
+    if need_stats and iter(batches) is batches:
         raise ValueError("compress_model reads `batches` several times; pass a list or DataLoader, not an iterator")
     modules = dict(targets) if isinstance(targets, Mapping) else find_targets(model, targets)
     if not modules:
@@ -118,9 +190,9 @@ def compress_model(
         first_param = next(model.parameters(), None)
         device = first_param.device if first_param is not None else torch.device("cpu")
     device = torch.device(device)
-    need_stats = stats_mode != "none"
-    need_gradients = stats_mode in ("kfac", "gradient")
+    max_stats_bytes = resolve_max_stats_bytes(max_stats_bytes, device) if need_stats else None
     clock = _StageClock(device)
+    peak_stats_bytes = 0
 
     with clock("phase1_calibrate"):
         groups = _input_groups(model, modules, batches, loss_fn, device) if need_stats else [[n] for n in modules]
@@ -129,12 +201,14 @@ def compress_model(
                   if need_stats else 0 for pass_groups in passes]
 
     def calibrate_pass(pass_groups: list[list[str]]) -> Decompositions:
+        nonlocal peak_stats_bytes
         stats = None
         if need_stats:
             stats = calibrate(model, batches, loss_fn, {name: modules[name] for group in pass_groups for name in group},
                               mask_key=mask_key, need_gradients=need_gradients, offload_to_cpu=offload_to_cpu,
                               device=device, progress=progress, loss_normalizer=loss_normalizer,
                               stats_dtype=stats_dtype, groups=pass_groups)
+            peak_stats_bytes = max(peak_stats_bytes, stats.nbytes())
         return Decompositions(stats, stats_mode, damping, compute_dtype=compute_dtype, eig_method=eig_method)
 
     from tqdm.auto import tqdm
@@ -160,8 +234,12 @@ def compress_model(
     bar.close()
 
     with clock("plan"):
-        plans = plan_ranks(model, None, budgets, allocator=allocator, scope=scope, rank_multiple=rank_multiple,
-                           stats_mode=stats_mode, damping=damping, spectra={name: spectra[name] for name in modules})
+        plans = plan_ranks(model, None, budgets if budgets != [None] else None, allocator=allocator, scope=scope,
+                           rank_multiple=rank_multiple, stats_mode=stats_mode, damping=damping, energy=energy,
+                           spectra={name: spectra[name] for name in modules})
+        plans = plans if isinstance(plans, list) else [plans]
+        if distributed():  # rank 0 decides: a floating-point tie broken differently must not change a layer's shape
+            plans = [RankPlan.from_dict(entry) for entry in broadcast_object([plan.to_dict() for plan in plans])]
 
     built: list[dict[str, nn.Module]] = [{} for _ in plans]
     bar = tqdm(total=len(modules), desc="compress 2/2 (factorize)", disable=not progress)
@@ -182,7 +260,11 @@ def compress_model(
             for layers, new in zip(built, build_layers(decompositions, linears, [plan.ranks for plan in plans], rho,
                                                        weight_basis, release=done,
                                                        park_on_cpu=offload_to_cpu or park_layers_on_cpu,
-                                                       progress=False), strict=True):
+                                                       progress=False, builder=build_layer), strict=True):
+                if distributed():  # identical values on every rank, whatever floating point did per rank
+                    for layer in new.values():
+                        for tensor in itertools.chain(layer.parameters(), layer.buffers()):
+                            broadcast(tensor.data)
                 layers.update(new)
         fallbacks += decompositions.fp64_fallbacks
         del decompositions, done
@@ -198,7 +280,7 @@ def compress_model(
             results.append((target, plan))
             layers.clear()
     info = {"passes": len(passes), "pass_stats_bytes": pass_bytes, "max_stats_bytes": max_stats_bytes,
-            "stats_dtype": str(stats_dtype).replace("torch.", ""),
+            "peak_stats_bytes": peak_stats_bytes, "stats_dtype": str(stats_dtype).replace("torch.", ""),
             "stages_s": {stage: round(seconds, 4) for stage, seconds in clock.seconds.items()},
             "fp64_fallbacks": fallbacks}
     for target, _ in results:
@@ -210,8 +292,7 @@ def _input_groups(model: nn.Module, modules: Mapping[str, nn.Linear], batches: I
                   device: torch.device) -> list[list[str]]:
     """`calibration.input_groups` from the first batch, the model in eval mode as calibration runs it."""
     first = next(iter(batches), None)
-    if first is None:
-        raise ValueError("compress_model got no batches")
+    check_every_rank_has_batches(0 if first is None else 1, "compress_model", device)
     was_training = model.training
     model.eval()
     try:
@@ -220,8 +301,17 @@ def _input_groups(model: nn.Module, modules: Mapping[str, nn.Linear], batches: I
         model.train(was_training)
 
 
+def broadcast_object(value):
+    """Rank 0's `value` on every rank."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _check_arguments(model, budgets, allocator, scope, rank_multiple, rho, weight_basis, stats_mode, damping,
-                     max_stats_bytes, stats_dtype, compute_dtype, eig_method, head_names) -> None:
+                     energy, stats_dtype, compute_dtype, eig_method, head_names) -> None:
     """Everything that can be wrong before the first (expensive) calibration pass."""
     check_choice(allocator, ALLOCATORS, "allocator")
     check_choice(scope, SCOPES, "scope")
@@ -232,17 +322,20 @@ def _check_arguments(model, budgets, allocator, scope, rank_multiple, rho, weigh
     check_stats_dtype(stats_dtype)
     if not budgets:
         raise ValueError("budget=[]: give at least one retained-parameter fraction in (0, 1]")
-    for value in budgets:
-        if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
-            raise ValueError(f"budget={value!r}: expected a retained-parameter fraction in (0, 1]")
+    if energy is not None:
+        if allocator != "energy" or budgets != [None] or not 0.0 < energy <= 1.0:
+            raise ValueError(f"energy={energy!r}: expected a spectral-energy fraction in (0, 1] with "
+                             f"allocator='energy' (got {allocator!r}) and budget=None (got {budgets!r})")
+    else:
+        for value in budgets:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < float(value) <= 1.0:
+                raise ValueError(f"budget={value!r}: expected a retained-parameter fraction in (0, 1]")
     if not isinstance(rank_multiple, int) or rank_multiple < 1:
         raise ValueError(f"rank_multiple={rank_multiple!r}: expected a positive integer")
     if not 0.0 <= rho <= 1.0:
         raise ValueError(f"rho={rho}: expected a fraction in [0, 1]")
     if damping < 0:
         raise ValueError(f"damping={damping}: expected >= 0")
-    if max_stats_bytes is not None and (not isinstance(max_stats_bytes, int) or max_stats_bytes <= 0):
-        raise ValueError(f"max_stats_bytes={max_stats_bytes!r}: expected a positive integer (bytes) or None")
     for head in head_names:
         try:
             model.get_submodule(head)
