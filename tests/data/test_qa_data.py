@@ -9,7 +9,7 @@ from jactus.data.qa import PROMPT_TEMPLATE, EncodedQA, EvalCollator, TrainCollat
 
 def synthetic(tokenizer, **kwargs):
     settings = dict(source="synthetic", train_per_task=16, val_per_task=4, test_per_task=8, batch_size=4,
-                    eval_batch_size=3, max_length=512, calib_size=6)
+                    eval_batch_size=3, max_length=512, calib_num_samples=6)
     return QADataModule("synthetic_qa", tokenizer, **{**settings, **kwargs})
 
 

@@ -16,7 +16,7 @@ def test_builtin_datasets_are_registered():
 def test_synthetic_batches_splits_and_calibration_are_deterministic():
     def make():
         return VisionDataModule("synthetic_vision", num_classes=5, img_size=16, batch_size=8, train_size=40,
-                                val_size=8, test_size=12, calib_size=10, seed=3)
+                                val_size=8, test_size=12, calib_num_samples=10, seed=3)
 
     dm, again = make(), make()
     dm.setup()

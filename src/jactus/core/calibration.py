@@ -410,6 +410,23 @@ def _calibration_pass(model, modules, groups, batches, loss_fn, *, device, stats
     return result
 
 
+def broadcast_parameters(params: Iterable[nn.Parameter]) -> None:
+    """Rank 0's values of `params` on every rank (no-op outside torch.distributed)."""
+    for param in params:
+        broadcast(param.data)
+
+
+def average_gradients(params: Iterable[nn.Parameter]) -> None:
+    """Average the gradients of `params` over the ranks (no-op outside torch.distributed): with the same start on
+    every rank, every rank then takes the same optimizer step (a head warm-up on each rank's calibration shard)."""
+    if not distributed():
+        return
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        _all_reduce(param.grad).div_(dist.get_world_size())
+
+
 def warmup_head(model: nn.Module, head_params: Iterable[nn.Parameter], batches: Iterable, loss_fn: LossFn,
                 steps: int, lr: float = 1e-3) -> list[float]:
     """A short linear probe: train only `head_params` for `steps` steps (AdamW) with the backbone frozen.
@@ -434,7 +451,7 @@ def warmup_head(model: nn.Module, head_params: Iterable[nn.Parameter], batches: 
             param.requires_grad_(False)
         for param in params:
             param.requires_grad_(True)
-            broadcast(param.data)
+        broadcast_parameters(params)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         iterator = iter(batches)
         while len(losses) < steps:
@@ -448,11 +465,7 @@ def warmup_head(model: nn.Module, head_params: Iterable[nn.Parameter], batches: 
             loss = loss_fn(model, _to_device(batch, device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if distributed():
-                for param in params:
-                    if param.grad is None:
-                        param.grad = torch.zeros_like(param)
-                    _all_reduce(param.grad).div_(dist.get_world_size())
+            average_gradients(params)
             optimizer.step()
             losses.append(float(loss.detach()))
     finally:

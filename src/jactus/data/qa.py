@@ -327,7 +327,7 @@ class QADataModule(L.LightningDataModule):
     answer tokens and eos; a too-long prompt is cut from the left, never the answer.
     Eval batches (val/test): {"input_ids" [N, L], "attention_mask", "labels" [N, L] (-100 except the choice's
     tokens), "choice_owner" [N] (row of the question in this batch), "gold" [B], "task_idx" [B]}, N = all choices
-    of the B questions. Calibration: training batches over the first `calib_size` items of a seeded shuffle of the
+    of the B questions. Calibration: training batches over the first `calib_num_samples` items of a seeded shuffle of the
     training split.
     """
 
@@ -343,7 +343,7 @@ class QADataModule(L.LightningDataModule):
         train_per_task: int | None = 200,
         val_per_task: int | None = 0,
         test_per_task: int | None = 100,
-        calib_size: int = 128,
+        calib_num_samples: int = 128,
         max_length: int = 256,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
@@ -368,7 +368,7 @@ class QADataModule(L.LightningDataModule):
             raise ValueError("source='llm_adapters' needs root: the folder holding "
                              f"{{{','.join(LLM_ADAPTERS_DIRS[t] for t in tasks)}}}/test.json")
         for key, value, minimum in (("train_per_task", train_per_task, 1), ("val_per_task", val_per_task, 0),
-                                    ("test_per_task", test_per_task, 1), ("calib_size", calib_size, 1),
+                                    ("test_per_task", test_per_task, 1), ("calib_num_samples", calib_num_samples, 1),
                                     ("max_length", max_length, 2), ("batch_size", batch_size, 1),
                                     ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0)):
             if value is not None and (not isinstance(value, int) or value < minimum):
@@ -380,7 +380,7 @@ class QADataModule(L.LightningDataModule):
         self.task_names = tasks
         self.tokenizer, self.source, self.root, self.train_file = tokenizer, source, root, train_file
         self.train_per_task, self.val_per_task, self.test_per_task = train_per_task, val_per_task, test_per_task
-        self.calib_size, self.max_length, self.answer_format = calib_size, max_length, answer_format
+        self.calib_num_samples, self.max_length, self.answer_format = calib_num_samples, max_length, answer_format
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.seed, self.num_workers = seed, num_workers
         self.items: dict[str, list[QAItem]] | None = None
@@ -406,7 +406,7 @@ class QADataModule(L.LightningDataModule):
             splits["train"] = split_items(train, f"{self.seed}:train_file", 0, 0, total)["train"]
         order = list(range(len(splits["train"])))
         random.Random(f"{self.seed}:calibration").shuffle(order)
-        splits["calib"] = [splits["train"][i] for i in order[: self.calib_size]]
+        splits["calib"] = [splits["train"][i] for i in order[: self.calib_num_samples]]
         self.items = splits
 
     def _task_rows(self, task: str):

@@ -207,7 +207,7 @@ class VisionDataModule(L.LightningDataModule):
     - val and train come from the dataset's train split: after a seeded shuffle the first `val_size` items are the
       validation set and the next `train_size` (None: all remaining) the training set;
     - test is the dataset's test split, or the first `test_size` items of a seeded shuffle of it;
-    - calibration is the first `calib_size` items of a seeded shuffle of the training set (all of it if smaller).
+    - calibration is the first `calib_num_samples` items of a seeded shuffle of the training set (all of it if smaller).
     `dataset_kwargs` go to the dataset builder (e.g. `{"train_items": 256}` for synthetic_vision).
     """
 
@@ -225,7 +225,7 @@ class VisionDataModule(L.LightningDataModule):
         train_size: int | None = None,
         val_size: int = 0,
         test_size: int | None = None,
-        calib_size: int = 128,
+        calib_num_samples: int = 128,
         seed: int = 0,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
@@ -240,7 +240,7 @@ class VisionDataModule(L.LightningDataModule):
         for key, value, minimum in (("img_size", img_size, 1), ("batch_size", batch_size, 1),
                                     ("eval_batch_size", eval_batch_size, 1), ("train_size", train_size, 1),
                                     ("val_size", val_size, 0), ("test_size", test_size, 1),
-                                    ("calib_size", calib_size, 1), ("num_workers", num_workers, 0)):
+                                    ("calib_num_samples", calib_num_samples, 1), ("num_workers", num_workers, 0)):
             if value is not None and (not isinstance(value, int) or value < minimum):
                 raise ValueError(f"{key}={value!r}: expected an integer >= {minimum}")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
@@ -250,7 +250,7 @@ class VisionDataModule(L.LightningDataModule):
         self.img_size, self.batch_size = img_size, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.seed = num_workers, seed
-        self.train_size, self.val_size, self.test_size, self.calib_size = train_size, val_size, test_size, calib_size
+        self.train_size, self.val_size, self.test_size, self.calib_num_samples = train_size, val_size, test_size, calib_num_samples
         self.collate = ImageBatchCollator(img_size, mean, std)
         self._splits: dict[str, Dataset] = {}
 
@@ -289,7 +289,7 @@ class VisionDataModule(L.LightningDataModule):
             self._splits["val"] = Subset(source, order[: self.val_size])
             self._splits["train"] = Subset(source, order[self.val_size:end])
             train = self._splits["train"]
-            calib = self._permutation(len(train), 2)[: self.calib_size]
+            calib = self._permutation(len(train), 2)[: self.calib_num_samples]
             self._splits["calib"] = Subset(train, calib)
         return self._splits[name]
 

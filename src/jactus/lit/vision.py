@@ -18,8 +18,11 @@ class ImageClassifier(TaskModule):
     def warmup_head(self, batches, steps: int, lr: float) -> None:
         """Linear probe on cached features: the frozen backbone runs once per batch, not once per step.
 
-        Same result as core.warmup_head (the backbone is frozen and in eval mode there) at a fraction of the cost.
-        Falls back to it for models without timm's forward_features / forward_head."""
+        Same result as core.warmup_head (the backbone is frozen and in eval mode there) at a fraction of the cost,
+        the same under DDP too (rank 0's head, gradients averaged over the ranks' shards). Falls back to it for
+        models without timm's forward_features / forward_head."""
+        from ..core.calibration import average_gradients, broadcast_parameters
+
         model = self.model
         if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")) or steps <= 0:
             return super().warmup_head(batches, steps, lr)
@@ -29,12 +32,15 @@ class ImageClassifier(TaskModule):
         with torch.no_grad():
             cached = [(model.forward_head(model.forward_features(images), pre_logits=True), labels)
                       for images, labels in batches]
-        optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+        params = list(head.parameters())
+        broadcast_parameters(params)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         for step in range(steps):
             features, labels = cached[step % len(cached)]
             loss = F.cross_entropy(head(features), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(params)
             optimizer.step()
         model.train(was_training)
 
