@@ -32,7 +32,7 @@ def factors(model):
 
 
 @pytest.mark.parametrize("family,memory", [("llama", {"offload_to_cpu": True}), ("vit", {"park_layers_on_cpu": True})])
-def test_streaming_equals_one_shot(family, memory, tiny_llama, tiny_vit, lm_data, vision_batches, losses):
+def test_bounded_passes_equal_one_shot(family, memory, tiny_llama, tiny_vit, lm_data, vision_batches, losses):
     model, batches, loss, probe = setup(family, tiny_llama, tiny_vit, lm_data, vision_batches, losses)
     head = ["head"] if family == "vit" else []
     reference = _copy(model)
