@@ -166,10 +166,12 @@ def test_bf16_backbone_trains_fp32_trainables(method, compose_cfg, tmp_path, dum
     norms; LoRA adapters) are fp32 and changed, and whose frozen ones are bf16; the export is bf16."""
     overrides = TINY["qa"] + ["++model.backbone.dtype=bfloat16", f"method={method}", "trainer=cpu",
                               "trainer.precision=bf16-mixed", "trainer.max_steps=3", "logger=none", "callbacks=none",
-                              "calib.num_samples=16", "evaluate_before=false", "allocator.rank_multiple=1",
-                              "save_compact=true", *DUMP, f"+callbacks.dump.out_dir={tmp_path / 'dump'}"]
+                              "calib.num_samples=16", "allocator.rank_multiple=1", "save_compact=true", *DUMP, f"+callbacks.dump.out_dir={tmp_path / 'dump'}"]
     summary, _ = run_train(compose_cfg, overrides, tmp_path)
     assert summary["backbone_dtype"] == "bfloat16" and summary["export_dtype"] == "bfloat16"
+    assert summary["metrics_before"]["dense"]["test/nll"] > 0  # evaluated outside the trainer, under autocast
+    if method == "jactus":
+        assert summary["metrics_before"]["method"]["test/nll"] > 0
     ckpts = sorted((tmp_path / "run").rglob("*.ckpt"))
     state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)["state_dict"]
     trained = {k for k in state if (k.endswith(".C") or "norm" in k) if method == "jactus"} | {

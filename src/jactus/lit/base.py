@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Sequence
 
@@ -137,13 +138,20 @@ class TaskModule(L.LightningModule):
     @torch.no_grad()
     def evaluate(self, batches: Iterable, device: torch.device | str | None = None, stage: str = "test",
                  progress: bool = True) -> dict:
-        """Accuracy of the current model over `batches` outside any trainer (before/after-compression figures)."""
+        """Accuracy of the current model over `batches` outside any trainer (before/after-compression figures).
+
+        A half-precision backbone with fp32 trainables runs under autocast in its dtype, as `bf16-mixed` trains it."""
+        from ..core.precision import HALF_DTYPES, model_dtype
+
         device = torch.device(device) if device is not None else next(self.model.parameters()).device
+        dtype = model_dtype(self.model)
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype in HALF_DTYPES else contextlib.nullcontext()
         was_training = self.model.training
         self.model.eval()
         counts = self._new_counts(device)
-        for batch in tqdm(batches, desc=f"evaluate ({stage})", leave=False, disable=not progress):
-            self._accumulate(counts, self.score_batch(_to_device(batch, device)))
+        with autocast:
+            for batch in tqdm(batches, desc=f"evaluate ({stage})", leave=False, disable=not progress):
+                self._accumulate(counts, self.score_batch(_to_device(batch, device)))
         self.model.train(was_training)
         return self.metrics_from_counts(counts, stage)
 
