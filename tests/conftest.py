@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from jactus.utils.run import CONF_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = Path(CONF_DIR)
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 

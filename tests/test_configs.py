@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from jactus.utils.run import CONF_DIR
+
+CONF = Path(CONF_DIR)
 
 GROUPS = ["model", "data", "method", "budget", "allocator", "calib", "optim", "trainer", "logger", "callbacks"]
 

@@ -19,11 +19,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from jactus import report
+from jactus.utils.run import CONF_DIR
 
 pytestmark = pytest.mark.slow
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-ROOT = CONF.parent
+CONF = Path(CONF_DIR)
+ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 DATA = {"vision": "synthetic_vision", "causal_lm": "synthetic_qa"}
 TINY = {

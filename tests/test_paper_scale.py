@@ -14,8 +14,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from jactus.core import resolve_max_stats_bytes
+from jactus.utils.run import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(CONF_DIR)
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 COMPRESSING = ("jactus.methods.jactus.Jactus", "jactus.methods.cersa.CERSA",
                "jactus.methods.compress_then_adapt.CompressThenAdapt", "jactus.methods.tunecomp.TuneComp")

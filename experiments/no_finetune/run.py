@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from jactus.core import calibrate, factorize, plan_ranks  # noqa: E402
 from jactus.lit.base import _to_device  # noqa: E402
 from jactus.summary import git_sha  # noqa: E402
-from jactus.utils.run import build_run  # noqa: E402
+from jactus.utils.run import CONF_DIR, build_run  # noqa: E402
 
 VARIANTS = {
     "plain SVD, uniform": dict(stats_mode="none", allocator="uniform", rho=0.0, weight_basis="plain"),
@@ -51,7 +51,7 @@ def mean_loss(module, batches) -> float:
 
 
 def main(overrides: list[str]) -> None:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["logger=none", "callbacks=none", *overrides])
     torch.manual_seed(cfg.seed)
     run = build_run(cfg)

@@ -1,26 +1,32 @@
-"""jactus-compress: calibrate once, then write one compact model per budget (no fine-tuning).
+"""jactus-compress: calibrate, then write one compact model per budget (no fine-tuning).
 
-    jactus-compress model=smollm2_135m data=arc_e 'budgets=[0.9,0.8,0.6]'
+    jactus-compress model=smollm2_135m data=arc_e 'budgets=[0.9,0.8,0.6]'            # JACTUS (the default)
+    jactus-compress model=smollm2_135m data=arc_e method=compress_then_adapt budgets=[0.8]
 
 Each budget gets `<run dir>/budget_<b>/` with the compact model (model.safetensors, rank_map.json, arch.json),
 the tokenizer for language models, and a summary.json whose metrics are the accuracy before any fine-tuning.
-All budgets come from one memory-bounded `compress_model` run (`calib.max_stats_bytes`, `calib.stats_dtype`):
-each summary's `compress_wall_s` is that run's wall time, shared by the palette.
+JACTUS and its ablations get every budget from one memory-bounded `compress_model` run (one calibration, the
+`calib` group's memory options): each summary's `compress_wall_s` is that run's, shared by the palette. Any other
+compressing method (cersa, compress_then_adapt, tunecomp) is applied once per budget to a copy of the dense model
+(compress_then_adapt's adapters start at zero and tunecomp's student is exported as initialised, so these are the
+compressed models their fine-tuning starts from). A full-size method (lora, full_ft, ...) is refused.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from .core import compress_model, count_params, save_compact
 from .lit.base import _to_device
+from .methods.base import MethodContext
 from .methods.jactus import Jactus
 from .summary import git_sha, write_summary
 from .utils.run import CONF_DIR, build_run, method_label, task_wrapper
@@ -35,15 +41,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@task_wrapper
-def compress(cfg: DictConfig) -> list[dict]:
-    start = time.perf_counter()
+def _budgets(cfg: DictConfig) -> list[float]:
     budgets = list(cfg.budgets) if not isinstance(cfg.budgets, (int, float)) else [cfg.budgets]
     if not budgets:
         raise ValueError("budgets=[]: give at least one retained-parameter ratio, e.g. budgets=[0.8,0.6]")
-    method = instantiate(cfg.method, budget=budgets[0], _convert_="all")
-    if not isinstance(method, Jactus):
-        raise ValueError(f"jactus-compress runs JACTUS and its ablations; method={method_label(cfg)} is not one")
+    for budget in budgets:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
+            raise ValueError(f"budgets={budgets}: {budget!r} is not a retained-parameter ratio in (0, 1]")
+    return [float(b) for b in budgets]
+
+
+@task_wrapper
+def compress(cfg: DictConfig) -> list[dict]:
+    start = time.perf_counter()
+    budgets = _budgets(cfg)
+    label = method_label(cfg)
+    if not getattr(get_class(cfg.method._target_), "compresses", False):
+        raise ValueError(f"method={label} keeps the model at full size; jactus-compress takes a compressing method: "
+                         f"jactus (and its ablations), cersa, compress_then_adapt or tunecomp")
+    methods = [instantiate(cfg.method, budget=budget, _convert_="all") for budget in budgets]  # options fail here
     L.seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     run = build_run(cfg)
@@ -53,19 +69,34 @@ def compress(cfg: DictConfig) -> list[dict]:
     module.warmup_head(calibration, cfg.calib.head_warmup_steps, cfg.calib.head_warmup_lr)
     test_loader = run.datamodule.test_dataloader() if cfg.evaluate else None
     rows = [("dense", module.evaluate(test_loader, device))] if test_loader is not None else []
-
     params_original = count_params(model)
-    compress_start = time.perf_counter()
-    compacts = compress_model(model, calibration, module.calibration_loss, budgets, targets=method.targets,
-                              allocator=method.allocator, scope=method.scope, rank_multiple=method.rank_multiple,
-                              rho=method.rho, weight_basis=method.weight_basis, stats_mode=method.stats_mode,
-                              damping=method.damping, mask_key=method.mask_key, head_names=module.head_names,
-                              device=device, **method.calib.driver_kwargs())
-    compress_wall_s = time.perf_counter() - compress_start
-    del model  # it is now the last budget's compact model
+
+    def compressed():
+        """(budget, method, compact model, seconds) per budget, one at a time (each goes once written)."""
+        if isinstance(methods[0], Jactus):
+            method = methods[0]
+            begin = time.perf_counter()
+            results = compress_model(model, calibration, module.calibration_loss, budgets, targets=method.targets,
+                                     allocator=method.allocator, scope=method.scope,
+                                     rank_multiple=method.rank_multiple, rho=method.rho,
+                                     weight_basis=method.weight_basis, stats_mode=method.stats_mode,
+                                     damping=method.damping, mask_key=method.mask_key,
+                                     head_names=module.head_names, device=device, **method.calib.driver_kwargs())
+            seconds = time.perf_counter() - begin
+            for budget in budgets:
+                compact, method.plan = results.pop(0)
+                yield budget, method, compact, seconds
+            return
+        for index, (budget, method) in enumerate(zip(budgets, methods, strict=True)):
+            dense = model if index == len(budgets) - 1 else copy.deepcopy(model)
+            begin = time.perf_counter()
+            ctx = MethodContext(model=dense, loss_fn=module.calibration_loss, calibration_batches=calibration,
+                                head_names=module.head_names, family=module.family, device=device)
+            compact = method.apply(ctx)
+            yield budget, method, compact, time.perf_counter() - begin
+
     summaries = []
-    for budget in budgets:
-        compact, plan = compacts.pop(0)  # each compact model goes once written and evaluated
+    for budget, method, compact, compress_wall_s in compressed():
         budget_start = time.perf_counter()
         compact = method.export(compact)
         out_dir = Path(cfg.paths.output_dir) / f"budget_{budget}"
@@ -76,16 +107,18 @@ def compress(cfg: DictConfig) -> list[dict]:
         if test_loader is not None:
             module.model = compact
             metrics = module.evaluate(test_loader, device)
-            rows.append((f"{method_label(cfg)}@{budget}", metrics))
+            rows.append((f"{label}@{budget}", metrics))
         deployed = count_params(compact)
         summary = {
-            "method": method_label(cfg), "model": cfg.model.name, "data": cfg.data.name, "budget": budget,
+            "method": label, "model": cfg.model.name, "data": cfg.data.name, "budget": budget,
             "seed": int(cfg.seed), "params_original": params_original, "params_deployed": deployed,
             "params_trainable": 0, "params_ratio": deployed / params_original, "metrics": metrics,
             "wall_s": compress_wall_s + time.perf_counter() - budget_start, "git_sha": git_sha(), "status": "ok",
-            "experiment": cfg.get("experiment_name"), "fine_tuned": False, "rank_map": dict(plan.ranks),
-            "compress_wall_s": compress_wall_s, "compress_stats": compact.jactus_compress_stats,
+            "experiment": cfg.get("experiment_name"), "fine_tuned": False, "compress_wall_s": compress_wall_s,
+            **method.summary(),
         }
+        if getattr(compact, "jactus_compress_stats", None) is not None:
+            summary["compress_stats"] = compact.jactus_compress_stats
         write_summary(out_dir, summary)
         summaries.append(summary)
         del compact

@@ -1,11 +1,15 @@
 """jactus-eval: load a compact model directory (no original weights) and measure its test accuracy.
 
     jactus-eval compact_dir=logs/train/runs/<time>/compact model=dinov2_small data=fashion_mnist
+
+Writes summary.json (like every run; method, budget and the original size come from the compact model's own
+summary.json when it sits beside it, as jactus-compress and jactus-train write them).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import hydra
@@ -14,6 +18,7 @@ from omegaconf import DictConfig
 
 from .compress import resolve_device
 from .core import count_params, load_compact
+from .summary import git_sha, write_summary
 from .utils.run import CONF_DIR, check_config, task_wrapper
 from .utils.tables import print_results_table
 
@@ -22,6 +27,7 @@ from .utils.tables import print_results_table
 def evaluate(cfg: DictConfig) -> dict:
     from .lit import CausalLMQA, ImageClassifier
 
+    start = time.perf_counter()
     compact_dir = Path(cfg.compact_dir)
     if not (compact_dir / "model.safetensors").is_file():
         raise FileNotFoundError(f"compact_dir={compact_dir}: expected a directory written by save_compact "
@@ -42,11 +48,21 @@ def evaluate(cfg: DictConfig) -> dict:
         datamodule.setup("test")
         module = ImageClassifier(model, lr=cfg.optim.lr)
     metrics = module.evaluate(datamodule.test_dataloader(), device)
-    result = {"compact_dir": str(compact_dir), "data": cfg.data.name, "params": count_params(model), "metrics": metrics}
-    out = Path(cfg.paths.output_dir) / "eval.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    # jactus-compress writes summary.json inside the compact dir, jactus-train beside it
+    origin = next((p for p in (compact_dir / "summary.json", compact_dir.parent / "summary.json") if p.is_file()), None)
+    written = json.loads(origin.read_text()) if origin is not None else {}
+    params = count_params(model)
+    original = written.get("params_original")
+    summary = {
+        "method": written.get("method", "compact"), "model": cfg.model.name, "data": cfg.data.name,
+        "budget": written.get("budget"), "seed": int(cfg.seed), "params_original": original,
+        "params_deployed": params, "params_trainable": 0, "params_ratio": params / original if original else None,
+        "metrics": metrics, "wall_s": time.perf_counter() - start, "git_sha": git_sha(), "status": "ok",
+        "compact_dir": str(compact_dir), "fine_tuned": written.get("fine_tuned"),
+    }
+    write_summary(Path(cfg.paths.output_dir), summary)
     print_results_table(f"{compact_dir} on {cfg.data.name}: accuracy (%), nll", [("compact", metrics)])
-    return result
+    return summary
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")

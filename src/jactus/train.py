@@ -171,7 +171,13 @@ def _print_before_after(summary: dict) -> None:
 def main(cfg: DictConfig) -> float | None:
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
     summary = train(cfg)
-    return summary["metrics"].get("test/acc")
+    metric = cfg.get("optimized_metric") or "test/acc"
+    value = summary["metrics"].get(metric)
+    if value is None and cfg.get("hparams_search"):  # a sweeper must not optimise a missing number
+        raise ValueError(f"optimized_metric={metric!r} is not among this run's metrics {sorted(summary['metrics'])}: "
+                         f"a search selects on validation, so the data needs a validation split "
+                         f"(data.module.val_size / data.module.val_per_task)")
+    return value
 
 
 if __name__ == "__main__":

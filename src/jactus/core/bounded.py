@@ -52,6 +52,7 @@ from .calibration import (
 from .decompositions import Decompositions
 from .factorize import build_layers, install_layers
 from .linalg import COMPUTE_DTYPES, DEFAULT_DAMPING, EIG_METHODS, check_choice
+from .progress import progress_bar
 from .subspace import STATS_MODES, WEIGHT_BASES
 from .targets import find_targets
 
@@ -211,11 +212,9 @@ def compress_model(
             peak_stats_bytes = max(peak_stats_bytes, stats.nbytes())
         return Decompositions(stats, stats_mode, damping, compute_dtype=compute_dtype, eig_method=eig_method)
 
-    from tqdm.auto import tqdm
-
     fallbacks: list[str] = []
     spectra: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=len(modules), desc="compress 1/2 (spectra)", disable=not progress)
+    bar = progress_bar(total=len(modules), desc="compress 1/2 (spectra)", disable=not progress)
     for index, pass_groups in enumerate(passes):
         bar.set_postfix_str(f"pass {index + 1}/{len(passes)}")
         kept = index == len(passes) - 1
@@ -242,7 +241,7 @@ def compress_model(
             plans = [RankPlan.from_dict(entry) for entry in broadcast_object([plan.to_dict() for plan in plans])]
 
     built: list[dict[str, nn.Module]] = [{} for _ in plans]
-    bar = tqdm(total=len(modules), desc="compress 2/2 (factorize)", disable=not progress)
+    bar = progress_bar(total=len(modules), desc="compress 2/2 (factorize)", disable=not progress)
     for step, index in enumerate([len(passes) - 1, *range(len(passes) - 1)]):
         bar.set_postfix_str(f"pass {step + 1}/{len(passes)}")
         if step > 0:

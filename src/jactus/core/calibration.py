@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .linalg import check_finite
+from .progress import progress_bar
 from .targets import find_targets
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -368,9 +369,8 @@ def _calibration_pass(model, modules, groups, batches, loss_fn, *, device, stats
 
     handles = [modules[name].register_forward_hook(forward_hook(name), with_kwargs=True) for name in leader_of]
     try:
-        from tqdm.auto import tqdm
 
-        for step, batch in enumerate(tqdm(batches, desc=desc, total=total, disable=not progress, leave=False)):
+        for step, batch in enumerate(progress_bar(batches, desc=desc, total=total, disable=not progress, leave=False)):
             batch = _to_device(batch, device)
             mask = batch.get(mask_key) if isinstance(batch, Mapping) else None
             state["mask"] = None if mask is None else mask.bool()

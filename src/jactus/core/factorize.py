@@ -13,6 +13,7 @@ from .freeze import KEEP_TRAINABLE, check_keep_trainable, train_cores
 from .layers import FactorizedLinear, LowRankLinear
 from .linalg import DEFAULT_DAMPING, check_choice
 from .precision import trainable_dtype
+from .progress import progress_bar
 from .subspace import STATS_MODES, WEIGHT_BASES
 
 METHODS = ("jactus", "svd")
@@ -86,9 +87,8 @@ def build_layers(
     """
     check_choice(weight_basis, WEIGHT_BASES, "weight_basis")
     built: list[dict[str, FactorizedLinear]] = [{} for _ in rank_maps]
-    from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(linears), desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(total=len(linears), desc=desc, disable=not progress, leave=False)
     for group in decompositions.groups(linears):
         for name in group:
             linear = linears[name]

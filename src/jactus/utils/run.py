@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,8 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("jactus")
 
-# The Hydra configs live at the repository's top level (conf/); JACTUS_CONF_DIR points elsewhere.
-CONF_DIR = os.environ.get("JACTUS_CONF_DIR") or str(Path(__file__).resolve().parents[3] / "conf")
+# The Hydra configs ship inside the package (jactus/conf), so an installed wheel finds them; users add their own
+# groups and experiments with `--config-dir DIR` or `hydra.searchpath=[file://DIR]` (README, "Your own configs").
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 FAMILIES = {"vision": "vision", "causal_lm": "qa"}  # model family -> the data family it reads
 
