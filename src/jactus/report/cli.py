@@ -1,0 +1,192 @@
+"""jactus-report: turn the `summary.json` files of a sweep into the paper's table, a long CSV and plots.
+
+    jactus-report logs/multiruns/2026-11-02 [more dirs...] --out reports/vit8 --metric test/acc [--wandb]
+    jactus-report logs/multiruns/2026-11-02 --gaps jactus@0.8:lora,dora,compress_then_adapt@0.8 [--gaps REF:...]
+
+Writes to `--out` (default: the first sweep dir):
+  report.md           one table per (experiment, model): rows = methods ("jactus@0.8"), a retained-parameter
+                      column, one column per dataset (or per task where runs carry `<metric>_<task>`), the average;
+                      cells "mean ± std" over seeds (sample std; the mean alone for one seed; a seed run more than
+                      once counts once, as the mean of its runs), "—" where no run
+                      exists, "failed" where every run failed; the best mean of each column in bold.
+  results.csv         long format: one row per (run, column), failed runs included with an empty value.
+  acc_vs_params.png   accuracy against retained parameters (%), one panel per column, one line per method.
+  rank_heatmap.png    per-layer ranks of the runs that carry a `rank_map` (grey = kept dense); skipped with a note
+                      in report.md when none does.
+  gaps.csv            with `--gaps REF:OTHER[,OTHER...]` (repeatable; labels as in the table's rows, e.g.
+                      "jactus@0.8", "lora"): per table a "Gaps" section in report.md, one row per OTHER, the mean of
+                      REF minus the mean of OTHER per column and on the average ("+1.23", "-0.40"; "—" where either
+                      is missing), "± s" where at least two seeds pair up: the sample std of the per-seed differences
+                      (a seed fixes the data split, so pairing removes the split's share of the noise); gaps.csv
+                      holds the same in long format. A label that is not a row of a table fails
+                      with a message listing that table's rows.
+
+`--split-by KEY` (repeatable) splits each method's row by a run value, e.g. `--split-by lr --metric val/acc` for a
+learning-rate search: rows "lora (lr=0.001)". KEY is a summary.json key (dotted for nested ones) or, where the
+summary lacks it, a dotted path into the run's `.hydra/config.yaml` (e.g. `optim.lr`).
+
+The average of a row is taken per seed over the row's columns, over the seeds that have every column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from .gaps import (  # noqa: F401
+    GapsError,
+    GapTable,
+    build_gaps,
+    parse_gaps,
+)
+from .load import (  # noqa: F401
+    AVERAGE,
+    FAILED,
+    MISSING,
+    RATIO,
+    _as_paths,
+    _status,
+    load_summaries,
+    results_frame,
+    split_values,
+)
+from .plots import (  # noqa: F401
+    plot_acc_vs_params,
+    plot_rank_heatmap,
+)
+from .tables import (  # noqa: F401
+    ResultTable,
+    build_tables,
+    lower_is_better,
+)
+
+
+@dataclass
+class Report:
+    summaries: list[dict]
+    frame: pd.DataFrame
+    tables: list[ResultTable]
+    files: dict[str, Path]
+    gaps: list[GapTable] = field(default_factory=list)  # one per table when gaps were asked for
+
+
+def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: list[str] = (),
+                 split_by: list[str] = ()) -> Report:
+    """Read the summaries under `dirs` and write report.md, results.csv and the plots to `out`.
+
+    `gaps`: "REF:OTHER[,OTHER...]" specs (see the module docstring); they also write gaps.csv. `split_by`: keys whose
+    values split a method's row (e.g. ["lr"] for a learning-rate search), labels like "lora (lr=0.001)".
+    """
+    specs = [parse_gaps(spec) for spec in gaps]
+    summaries, unreadable = load_summaries(dirs)
+    if not summaries:
+        raise FileNotFoundError(f"no summary.json under {', '.join(map(str, _as_paths(dirs)))}")
+    for summary in summaries:
+        summary["_split"] = split_values(summary, list(split_by))
+    frame = results_frame(summaries, metric)
+    tables = build_tables(frame, digits)
+    gap_tables = [build_gaps(table, specs) for table in tables] if specs else []
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"csv": out / "results.csv", "acc_vs_params": plot_acc_vs_params(tables, out / "acc_vs_params.png", metric)}
+    frame.to_csv(files["csv"], index=False)
+    if gap_tables:
+        files["gaps"] = out / "gaps.csv"
+        records = [record for gap_table in gap_tables for record in gap_table.to_records()]
+        pd.DataFrame.from_records(records).to_csv(files["gaps"], index=False)
+    heatmap = plot_rank_heatmap(summaries, out / "rank_heatmap.png")
+    if heatmap is not None:
+        files["rank_heatmap"] = heatmap
+
+    n_failed = sum(_status(s) != "ok" for s in summaries)
+    lines = [f"# Sweep report: {metric}", "",
+             f"{len(summaries)} runs ({n_failed} failed) from {', '.join(map(str, _as_paths(dirs)))}.",
+             f"Cells: mean ± sample std over seeds (the mean alone for one seed; a seed run twice counts once, as the "
+             f"mean of its runs); {MISSING} = no run; "
+             f"{FAILED} = every run failed; best mean per column in bold "
+             f"({'lowest' if lower_is_better(metric) else 'highest'}). {RATIO}: mean params_deployed / "
+             f"params_original. {AVERAGE}: per seed over the row's columns, over the seeds that have every column.", ""]
+    for index, table in enumerate(tables):
+        lines += [f"## {table.title}", "", table.to_markdown(), ""]
+        if gap_tables:
+            lines += ["### Gaps", "", f"Mean of Ref minus mean of Other (± sample std of the per-seed differences "
+                      f"where two or more seeds pair); {MISSING} where either is missing.", "",
+                      gap_tables[index].to_markdown(), ""]
+    lines += ["## Plots", "", "![accuracy vs retained parameters](acc_vs_params.png)", ""]
+    if heatmap is not None:
+        lines += ["![rank allocation per layer](rank_heatmap.png)", ""]
+    else:
+        lines += ["No run carries a `rank_map`: rank heatmap skipped.", ""]
+    if unreadable:
+        lines += ["## Unreadable summaries", "", *[f"- {item}" for item in unreadable], ""]
+    files["report"] = out / "report.md"
+    files["report"].write_text("\n".join(lines))
+    return Report(summaries, frame, tables, files, gap_tables)
+
+
+def wants_wandb(summaries: list[dict]) -> bool:
+    """True when a run logged to W&B: its run dir (the summary's folder) holds a `wandb/` folder."""
+    return any((Path(s["_path"]).parent / "wandb").is_dir() for s in summaries)
+
+
+def log_to_wandb(report: Report, project: str = "jactus", name: str | None = None) -> None:
+    """Log the tables and plots as one W&B run (job_type=report); WANDB_MODE (offline, disabled) is honoured."""
+    import wandb
+
+    out_dir = report.files["report"].parent
+    run = wandb.init(project=project, name=name, job_type="report", dir=str(out_dir),
+                     mode=os.environ.get("WANDB_MODE", "offline"))
+    try:
+        payload = {}
+        for index, table in enumerate(report.tables):
+            frame = table.to_frame().reset_index()
+            payload[f"report/table_{index}"] = wandb.Table(dataframe=frame)
+        for index, gaps in enumerate(report.gaps):
+            payload[f"report/gaps_{index}"] = wandb.Table(dataframe=pd.DataFrame.from_records(gaps.to_records()))
+        payload["report/results"] = wandb.Table(dataframe=report.frame.astype(str))
+        for key in ("acc_vs_params", "rank_heatmap"):
+            if key in report.files:
+                payload[f"report/{key}"] = wandb.Image(str(report.files[key]))
+        run.log(payload)
+    finally:
+        run.finish()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jactus-report", description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR", help="folders searched for summary.json")
+    parser.add_argument("--out", default=None, help="output folder (default: the first SWEEP_DIR)")
+    parser.add_argument("--metric", default="test/acc", help="metric key in summary['metrics'] (default test/acc)")
+    parser.add_argument("--digits", type=int, default=2, help="decimals in the table")
+    parser.add_argument("--gaps", action="append", default=[], metavar="REF:OTHER[,OTHER...]",
+                        help="per table, REF's mean minus each OTHER's per column (row labels, e.g. "
+                             "jactus@0.8:lora,dora); repeatable")
+    parser.add_argument("--split-by", action="append", default=[], metavar="KEY",
+                        help="split rows by this run value (summary.json key or .hydra/config.yaml dotted path, e.g. "
+                             "lr or optim.lr); repeatable")
+    parser.add_argument("--wandb", action="store_true", help="log the table and plots to W&B (WANDB_MODE honoured)")
+    parser.add_argument("--wandb-project", default="jactus")
+    args = parser.parse_args(argv)
+    try:
+        report = write_report(args.sweep_dirs, args.out or args.sweep_dirs[0], args.metric, args.digits, args.gaps,
+                              args.split_by)
+    except (FileNotFoundError, GapsError) as err:
+        print(f"jactus-report: {err}", file=sys.stderr)
+        return 1
+    for index, table in enumerate(report.tables):
+        print(f"\n{table.title}\n{table.to_markdown()}")
+        if report.gaps:
+            print(f"\nGaps\n{report.gaps[index].to_markdown()}")
+    print("\nwrote " + ", ".join(str(path) for path in report.files.values()))
+    if args.wandb or wants_wandb(report.summaries):
+        log_to_wandb(report, project=args.wandb_project)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Reading a sweep: summary.json files (and their .hydra configs) into rows, labels and a long DataFrame."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+MISSING, FAILED = "—", "failed"
+AVERAGE = "Avg."
+RATIO = "Params (%)"
+# The paper's column order; columns not listed follow in the order they first appear.
+COLUMN_ORDER = ("oxford_pets", "stanford_cars", "cifar10", "dtd", "eurosat", "fgvc_aircraft", "resisc45", "cifar100",
+                "boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa")
+# Full-size methods first, compressing ones after; within a budget, JACTUS last (as in the paper).
+METHOD_ORDER = ("zero_shot", "linear_probe", "full_ft", "lora", "dora", "pissa", "compress_then_adapt", "tunecomp",
+                "cersa", "jactus")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_summaries(dirs) -> tuple[list[dict], list[str]]:
+    """Every `summary.json` under `dirs` (recursively), each with its path under "_path"; and the unreadable ones."""
+    summaries, unreadable = [], []
+    for directory in _as_paths(dirs):
+        if not directory.is_dir():
+            raise FileNotFoundError(f"sweep dir {directory} does not exist")
+        for path in sorted(directory.rglob("summary.json")):
+            try:
+                summary = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                unreadable.append(f"{path} ({err})")
+                continue
+            missing = [key for key in ("method", "model", "data") if key not in summary]
+            if missing:
+                unreadable.append(f"{path} (no {', '.join(missing)})")
+                continue
+            summary["_path"] = str(path)
+            summaries.append(summary)
+    return summaries, unreadable
+
+
+def _as_paths(dirs) -> list[Path]:
+    return [Path(dirs)] if isinstance(dirs, (str, Path)) else [Path(d) for d in dirs]
+
+
+def row_label(summary: dict) -> str:
+    """The table row of a run: its method, with "@budget" for methods that compress to a budget.
+
+    Three significant digits: a budget asked for reads as given (0.8), a measured ratio (CERSA at a fixed spectral
+    energy reports the ratio it gave) does not spell out every digit."""
+    budget = summary.get("budget")
+    label = summary["method"] if budget is None else f"{summary['method']}@{budget:.3g}"
+    return label + summary.get("_split", "")
+
+
+def split_values(summary: dict, keys: list[str]) -> str:
+    """" (lr=0.001, ...)": the value of each `--split-by` key for this run, looked up as a dotted path in the summary,
+    then in the run's `.hydra/config.yaml` ("?" where neither has it)."""
+    if not keys:
+        return ""
+    config = None
+    values = []
+    for key in keys:
+        value = _dotted(summary, key)
+        if value is None:
+            if config is None:
+                path = Path(summary["_path"]).parent / ".hydra" / "config.yaml"
+                config = _read_yaml(path) if path.is_file() else {}
+            value = _dotted(config, key)
+        values.append(f"{key}={'?' if value is None else format(value, 'g') if isinstance(value, float) else value}")
+    return f" ({', '.join(values)})"
+
+
+def _dotted(data, key: str):
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def _read_yaml(path: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+
+
+def _status(summary: dict) -> str:
+    return summary.get("status") or "ok"
+
+
+def results_frame(summaries: list[dict], metric: str = "test/acc") -> pd.DataFrame:
+    """Long format: one row per (run, column). Runs with `<metric>_<task>` metrics give one row per task.
+
+    A failed run counts against every column its dataset has in the successful runs of the same model
+    (just the dataset name when no run of it succeeded). `value` is NaN for failed runs and where `metric` is absent.
+    """
+    task_prefix = f"{metric}_"
+    columns_of: dict[tuple, list[str]] = {}  # (model, data) -> columns seen in successful runs
+    for summary in summaries:
+        if _status(summary) == "ok":
+            tasks = [key[len(task_prefix):] for key in summary.get("metrics") or {} if key.startswith(task_prefix)]
+            known = columns_of.setdefault((summary["model"], summary["data"]), [])
+            known += [column for column in (tasks or [summary["data"]]) if column not in known]
+
+    records = []
+    for summary in summaries:
+        status, metrics = _status(summary), summary.get("metrics") or {}
+        base = {
+            "experiment": summary.get("experiment") or "", "model": summary["model"], "method": summary["method"],
+            "budget": summary.get("budget"), "label": row_label(summary), "data": summary["data"],
+            "seed": summary.get("seed"), "status": status, "metric": metric,
+            **{key: summary.get(key) for key in ("params_ratio", "params_original", "params_deployed",
+                                                 "params_trainable", "wall_s", "git_sha")},
+            "path": summary["_path"],
+        }
+        tasks = {key[len(task_prefix):]: value for key, value in metrics.items() if key.startswith(task_prefix)}
+        if status != "ok":
+            cells = {column: math.nan for column in columns_of.get((summary["model"], summary["data"]),
+                                                                    [summary["data"]])}
+        elif tasks:
+            cells = tasks
+        else:
+            cells = {summary["data"]: metrics.get(metric, math.nan)}
+        records += [{**base, "column": column, "value": _number(value)} for column, value in cells.items()]
+    return pd.DataFrame.from_records(records)
+
+def _number(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The table
