@@ -57,3 +57,20 @@ def test_ablation_configs_inherit_jactus(compose_cfg):
     cfg = compose_cfg(["method=jactus_rho0"])
     assert cfg.method._target_ == "jactus.methods.jactus.Jactus"
     assert cfg.method.rho == 0.0 and cfg.method.weight_basis == "whitened"
+
+
+@pytest.mark.parametrize("how", ["--config-dir", "hydra.searchpath"])
+def test_users_add_their_own_configs(how, tmp_path):
+    """README "Your own configs": an experiment of the user's own, found through --config-dir or hydra.searchpath."""
+    import subprocess
+    import sys
+
+    (tmp_path / "my_conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "my_conf" / "experiment" / "my_table.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /method: lora\nexperiment_name: my_table\nseed: 7\n")
+    where = ["--config-dir", "my_conf"] if how == "--config-dir" else [f"hydra.searchpath=[file://{tmp_path}/my_conf]"]
+    result = subprocess.run([sys.executable, "-m", "jactus.train", *where, "experiment=my_table", "--cfg", "job"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = OmegaConf.create(result.stdout)
+    assert job.experiment_name == "my_table" and job.seed == 7 and job.method._target_.endswith("LoRA")
