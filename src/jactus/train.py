@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import CompressionCallback
-from .core import count_params, save_compact
+from .core import save_compact
 from .summary import git_sha, write_summary
 from .utils.run import CONF_DIR, build_run, flat_config, method_label, task_wrapper
 from .utils.tables import print_results_table
@@ -92,7 +92,7 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
         budget=method.budget,
         params_original=compression.params_original,
         params_trainable=compression.params_trainable,
-        params_deployed=count_params(deployed),
+        params_deployed=method.params_deployed(deployed),
         metrics=metrics,
         metrics_before=compression.metrics_before,
         compress_wall_s=compression.apply_wall_s,

@@ -103,6 +103,13 @@ class Method:
         """The deployable model: adapters merged, factors folded, teacher branches dropped."""
         return model
 
+    def params_deployed(self, deployed: nn.Module) -> int:
+        """Parameters of the deployed model (`export`'s output) as the budget counts them: every parameter by default;
+        a sparse method counts its non-zeros."""
+        from ..core import count_params
+
+        return count_params(deployed)
+
     def structure(self) -> dict | None:
         """What a checkpoint needs to rebuild this method's module structure without recalibrating."""
         return None
