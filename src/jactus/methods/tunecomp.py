@@ -131,7 +131,8 @@ class TuneComp(Method):
     def params_target(self) -> int:
         return math.floor(self.budget * self.params_original)
 
-    def params_deployed(self, layers: dict[str, TwoBranchLinear]) -> int:
+    def params_now(self, layers: dict[str, TwoBranchLinear]) -> int:
+        """Parameters the deployed model would have with the students' current active ranks."""
         return self.params_fixed + sum(
             deployed_cost(layer.in_features, layer.out_features, layer.active_rank, layer.up.bias is not None)
             for layer in layers.values())
@@ -158,7 +159,7 @@ class TuneComp(Method):
 
     @torch.no_grad()
     def prune_to(self, layers: dict[str, TwoBranchLinear], params_target: int) -> None:
-        params_now = self.params_deployed(layers)
+        params_now = self.params_now(layers)
         if params_now <= params_target:
             return
         if dist.is_available() and dist.is_initialized():
