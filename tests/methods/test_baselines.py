@@ -13,13 +13,12 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from jactus.baselines import TwoBranchLinear, teacher_weight
 from jactus.core import LowRankLinear, count_params
 from jactus.methods import REGISTRY, MethodContext
 from jactus.methods.cersa import CERSA
 from jactus.methods.compress_then_adapt import CompressThenAdapt
 from jactus.methods.peft_adapters import DoRA, LoRA, PiSSA
-from jactus.methods.tunecomp import TuneComp
+from jactus.methods.tunecomp import TuneComp, TwoBranchLinear, teacher_weight
 
 
 # ---- tiny backbones, data, and a plain training loop -------------------------------------------------------------
@@ -245,7 +244,7 @@ def test_registered():
     (lambda: DoRA(lora_dropout=1.5), r"lora_dropout=1.5"),
     (lambda: PiSSA(pissa_niter=0), r"pissa_niter=0"),
     (lambda: CompressThenAdapt(compressor="qr"), r"compressor='qr'.*'svd', 'asvd', 'svdllm'"),
-    (lambda: CompressThenAdapt(allocator="energy"), r"allocator='energy'.*'uniform', 'marginal_gain'"),
+    (lambda: CompressThenAdapt(allocator="energy"), r"allocator='energy'.*'marginal_gain', 'uniform'"),
     (lambda: CompressThenAdapt(budget=1.5), r"budget.ratio=1.5"),
     (lambda: CompressThenAdapt(r=-1), r"method.r=-1"),
     (lambda: TuneComp(budget=0.0), r"budget.ratio=0.0"),

@@ -1,6 +1,6 @@
 """The JACTUS math in plain PyTorch (METHOD.md sections 1-5); no Lightning or Hydra here."""
 
-from .allocation import ALLOCATORS, SCOPES, RankPlan, layer_spectra, plan_ranks
+from .allocation import ALLOCATORS, BUDGET_ALLOCATORS, SCOPES, RankPlan, layer_spectra, plan_ranks
 from .bounded import compress_model, resolve_max_stats_bytes
 from .calibration import CalibrationStats, LayerStats, calibrate, default_loss_normalizer, warmup_head
 from .compact import build_architecture, load_compact, save_compact
@@ -14,7 +14,8 @@ from .subspace import STATS_MODES, factorize_layer, projected_core, union_subspa
 from .targets import DEFAULT_TARGETS, find_targets
 
 __all__ = [
-    "ALLOCATORS", "DEFAULT_TARGETS", "SCOPES", "STATS_MODES", "CalibrationStats", "Decompositions", "FactorizedLinear",
+    "ALLOCATORS", "BUDGET_ALLOCATORS", "DEFAULT_TARGETS", "SCOPES", "STATS_MODES", "CalibrationStats",
+    "Decompositions", "FactorizedLinear",
     "LayerStats", "LowRankLinear", "RankPlan", "apply_rank_map", "build_architecture", "calibrate", "compress_model",
     "check_precision", "count_params", "default_loss_normalizer", "deployed_params", "factorize", "factorize_layer",
     "find_targets", "fold_factorized", "layer_spectra", "linear_cost", "load_compact", "model_dtype",

@@ -23,6 +23,8 @@ from .subspace import STATS_MODES
 from .targets import find_targets
 
 ALLOCATORS = ("marginal_gain", "uniform", "energy")
+# the allocators that meet a retained-parameter budget from any spectra (energy is CERSA's per-layer energy rule)
+BUDGET_ALLOCATORS = ("marginal_gain", "uniform")
 SCOPES = ("model", "targets")
 
 

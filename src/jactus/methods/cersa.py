@@ -13,14 +13,13 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from ..core import SCOPES, FactorizedLinear, RankPlan, apply_rank_map, compress_model, fold_factorized
-from .base import CalibSettings, Method, MethodContext, check_budget, check_positive, choice, register, train_cores
+from ..core import SCOPES, compress_model
+from .base import CalibSettings, MethodContext, check_budget, check_positive, choice, register
+from .low_rank import LowRankMethod
 
 
 @register("cersa")
-class CERSA(Method):
-    compresses = True
-
+class CERSA(LowRankMethod):
     def __init__(
         self,
         energy: float | None = None,
@@ -30,6 +29,7 @@ class CERSA(Method):
         targets: Sequence[str] | None = None,
         calib: Mapping | None = None,
     ):
+        super().__init__()
         if (energy is None) == (budget is None):
             raise ValueError(f"cersa: set exactly one of method.energy (a spectral-energy fraction, e.g. 0.90) "
                              f"and method.budget (a retained-parameter ratio); got energy={energy!r}, "
@@ -42,8 +42,6 @@ class CERSA(Method):
         self.rank_multiple = check_positive(rank_multiple, "allocator.rank_multiple")
         self.targets = list(targets) if targets else None
         self.calib = CalibSettings.from_config(calib)
-        self.plan: RankPlan | None = None
-        self.head_names: list[str] = []
 
     @property
     def budget(self) -> float | None:
@@ -62,22 +60,6 @@ class CERSA(Method):
                                           **self.calib.driver_kwargs())
         return model
 
-    def export(self, model: nn.Module) -> nn.Module:
-        return fold_factorized(model)
-
-    def structure(self) -> dict | None:
-        if self.plan is None:
-            return None
-        return {"plan": self.plan.to_dict(), "head_names": self.head_names}
-
-    def rebuild(self, model: nn.Module, structure: dict) -> nn.Module:
-        self.plan = RankPlan.from_dict(structure["plan"])
-        self.head_names = list(structure["head_names"])
-        apply_rank_map(model, self.plan.ranks, layer_cls=FactorizedLinear)
-        train_cores(model, self.head_names)
-        return model
-
     def summary(self) -> dict:
-        if self.plan is None:
-            return {}
-        return {"energy": self.energy, "rank_map": dict(self.plan.ranks), "plan_ratio": self.plan.ratio}
+        summary = super().summary()
+        return {"energy": self.energy, **summary} if summary else {}

@@ -16,14 +16,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from peft import inject_adapter_in_model
 from torch import nn
 
-from ..core import SCOPES, LowRankLinear, apply_rank_map, compress_model, fold_factorized
-from .base import CalibSettings, Method, MethodContext, check_budget, check_positive, choice, register, set_trainable
+from ..core import BUDGET_ALLOCATORS, SCOPES, LowRankLinear, compress_model, fold_factorized
+from .base import CalibSettings, MethodContext, check_budget, check_positive, choice, register, set_trainable
+from .low_rank import LowRankMethod
 from .peft_adapters import check_lora_options, is_adapter_parameter, lora_config, merge_adapters
 
 # compressor -> the statistics mode of core.factorize that implements it
 COMPRESSORS = {"svd": "none", "asvd": "asvd", "svdllm": "input"}
-# the allocators of a task-agnostic compressor (energy is CERSA's)
-ALLOCATORS = ("uniform", "marginal_gain")
 
 
 def calibration_batches(batches: Iterable | None, method: str) -> list:
@@ -43,10 +42,10 @@ def factor_linears(model: nn.Module) -> list[str]:
 
 
 @register("compress_then_adapt")
-class CompressThenAdapt(Method):
+class CompressThenAdapt(LowRankMethod):
     """A classic compressor to the budget, then LoRA on the factors (METHOD.md section 6)."""
 
-    compresses = True
+    layer_cls = LowRankLinear  # the core is folded at once; LoRA adapts the factors
 
     def __init__(
         self,
@@ -63,9 +62,10 @@ class CompressThenAdapt(Method):
         mask_key: str = "attention_mask",
         calib: Mapping | None = None,
     ):
+        super().__init__()
         self._budget = check_budget(budget, "compress_then_adapt")
         self.compressor = choice(compressor, list(COMPRESSORS), "method.compressor")
-        self.allocator = choice(allocator, ALLOCATORS, "allocator")
+        self.allocator = choice(allocator, BUDGET_ALLOCATORS, "allocator")
         self.scope = choice(scope, SCOPES, "budget.scope")
         self.rank_multiple = check_positive(rank_multiple, "allocator.rank_multiple")
         check_lora_options("compress_then_adapt", r, lora_alpha, lora_dropout)
@@ -76,8 +76,6 @@ class CompressThenAdapt(Method):
         self.targets = list(targets) if targets else None
         self.mask_key = mask_key
         self.calib = CalibSettings.from_config(calib)
-        self.plan = None
-        self.head_names: list[str] = []
         self.adapted_layers: list[str] = []
 
     @property
@@ -113,21 +111,12 @@ class CompressThenAdapt(Method):
         """Merge each LoRA delta into its factor: the LowRankLinear shapes, hence the deployed size, do not change."""
         return merge_adapters(model)
 
-    def structure(self) -> dict | None:
-        if self.plan is None:
-            return None
-        return {"plan": self.plan.to_dict(), "head_names": self.head_names}
-
-    def rebuild(self, model: nn.Module, structure: dict) -> nn.Module:
-        from ..core import RankPlan
-
-        self.plan = RankPlan.from_dict(structure["plan"])
-        self.head_names = list(structure["head_names"])
-        apply_rank_map(model, self.plan.ranks, layer_cls=LowRankLinear)
+    def prepare_rebuilt(self, model: nn.Module) -> nn.Module:
         return self._adapt(model)
 
     def summary(self) -> dict:
-        if self.plan is None:
+        summary = super().summary()
+        if not summary:
             return {}
-        return {"compressor": self.compressor, "allocator": self.allocator, "rank_map": dict(self.plan.ranks),
-                "plan_ratio": self.plan.ratio, "adapter_rank": self.r, "adapted_layers": len(self.adapted_layers)}
+        return {"compressor": self.compressor, "allocator": self.allocator, **summary, "adapter_rank": self.r,
+                "adapted_layers": len(self.adapted_layers)}

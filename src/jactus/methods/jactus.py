@@ -6,13 +6,14 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from ..core import ALLOCATORS, SCOPES, STATS_MODES, apply_rank_map, compress_model, fold_factorized
+from ..core import ALLOCATORS, SCOPES, STATS_MODES, compress_model
 from ..core.subspace import WEIGHT_BASES
-from .base import CalibSettings, Method, MethodContext, check_budget, choice, register, train_cores
+from .base import CalibSettings, MethodContext, check_budget, choice, register
+from .low_rank import LowRankMethod
 
 
 @register("jactus")
-class Jactus(Method):
+class Jactus(LowRankMethod):
     """Joint adaptation and compression with a task-aware union of subspaces (METHOD.md sections 1-5).
 
     The ablations of the paper are knobs: `rho=0` (weight subspace only), `weight_basis=plain`,
@@ -20,8 +21,6 @@ class Jactus(Method):
     memory-bounded `compress_model` with the `calib` group's memory options (`CalibSettings`: `max_stats_bytes`
     bounds the statistics held at once, `stats_dtype` is the dtype of their running sums, ...).
     """
-
-    compresses = True
 
     def __init__(
         self,
@@ -37,6 +36,7 @@ class Jactus(Method):
         mask_key: str = "attention_mask",
         calib: Mapping | None = None,
     ):
+        super().__init__()
         self._budget = check_budget(budget, "jactus")
         self.scope = choice(scope, SCOPES, "budget.scope")
         self.allocator = choice(allocator, ALLOCATORS, "allocator")
@@ -52,9 +52,7 @@ class Jactus(Method):
         self.targets = list(targets) if targets else None
         self.mask_key = mask_key
         self.calib = CalibSettings.from_config(calib)
-        self.plan = None
         self.compress_stats: dict | None = None
-        self.head_names: list[str] = []
 
     @property
     def budget(self) -> float:
@@ -85,38 +83,8 @@ class Jactus(Method):
         self.compress_stats = model.jactus_compress_stats
         return model
 
-    def export(self, model: nn.Module) -> nn.Module:
-        """Fold every core into its left factor (U <- U C): the deployed (m + n) r layers."""
-        return fold_factorized(model)
-
-    def structure(self) -> dict | None:
-        if self.plan is None:
-            return None
-        return {"plan": self.plan.to_dict(), "head_names": self.head_names}
-
-    def rebuild(self, model: nn.Module, structure: dict) -> nn.Module:
-        from ..core import RankPlan
-
-        self.plan = RankPlan.from_dict(structure["plan"])
-        self.head_names = list(structure["head_names"])
-        apply_rank_map(model, self.plan.ranks, layer_cls="factorized")
-        train_cores(model, self.head_names)  # the one freeze policy, as compress_model applied it
-        return model
-
     def summary(self) -> dict:
-        if self.plan is None:
-            return {}
-        ranks = [r for r in self.plan.ranks.values() if r is not None]
-        return {
-            "rank_map": dict(self.plan.ranks),
-            "rank_stats": {
-                "layers": len(self.plan.ranks),
-                "factorized": len(ranks),
-                "dense": len(self.plan.ranks) - len(ranks),
-                "rank_min": min(ranks) if ranks else None,
-                "rank_mean": sum(ranks) / len(ranks) if ranks else None,
-                "rank_max": max(ranks) if ranks else None,
-            },
-            "plan_ratio": self.plan.ratio,
-            **({"compress_stats": self.compress_stats} if self.compress_stats else {}),
-        }
+        summary = super().summary()
+        if summary and self.compress_stats:
+            summary["compress_stats"] = self.compress_stats
+        return summary
