@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import CompressionCallback
 from .core import save_compact
+from .distill import DistillSettings
 from .summary import git_sha, write_summary
 from .utils.run import CONF_DIR, build_run, flat_config, method_label, task_wrapper
 from .utils.tables import print_results_table
@@ -61,6 +62,7 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
         evaluate_before=cfg.evaluate_before,
         evaluate_dense_before=cfg.evaluate_dense_before,
         before_split="test" if cfg.test else "val",
+        distill=DistillSettings(**(cfg.get("distill") or {})),
     )
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [compression] + [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -102,6 +104,8 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
         status="ok",
     )
     summary["params_ratio"] = summary["params_deployed"] / summary["params_original"]
+    if compression.distill_summary:
+        summary["distill"] = compression.distill_summary
     summary.update(method.summary())
     summary["wall_s"] = time.perf_counter() - start
     if trainer.is_global_zero:

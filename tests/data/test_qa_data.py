@@ -23,7 +23,9 @@ def test_training_batch_labels_only_the_answer_and_eos(byte_tokenizer):
     assert dm.family == "qa" and dm.task_names == ["synthetic_qa"]
     assert {k: len(v) for k, v in dm.items.items()} == {"train": 16, "val": 4, "test": 8, "calib": 6}
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "example_idx"}
+    again = dm.train_collate([dm.encoded("train")[int(i)] for i in batch["example_idx"]])
+    assert torch.equal(again["input_ids"], batch["input_ids"])  # the indices name the rows' training examples
     for row in range(4):
         mask = batch["labels"][row] != -100
         answer = answer_text(byte_tokenizer, batch, row)

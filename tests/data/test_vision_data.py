@@ -22,8 +22,11 @@ def test_synthetic_batches_splits_and_calibration_are_deterministic():
     dm.setup()
     assert dm.family == "vision" and dm.num_classes == 5
     assert dm.split_sizes() == {"train": 40, "val": 8, "calib": 10, "test": 12}
-    images, labels = next(iter(dm.train_dataloader()))
+    images, labels, example_idx = next(iter(dm.train_dataloader()))
     assert images.shape == (8, 3, 16, 16) and images.dtype == torch.float32
+    # the indices name the training examples: the same image and label as the split's item at that position
+    direct, _ = dm.collate([dm._split("train")[int(i)] for i in example_idx])
+    torch.testing.assert_close(images, direct)
     assert labels.shape == (8,) and labels.dtype == torch.long and labels.max() < 5
     calib = torch.cat([x for x, _ in dm.calibration_dataloader()])
     torch.testing.assert_close(calib, torch.cat([x for x, _ in again.calibration_dataloader()]))
@@ -35,7 +38,7 @@ def test_synthetic_batches_splits_and_calibration_are_deterministic():
 
 def test_synthetic_task_is_learnable_by_a_linear_probe():
     dm = VisionDataModule("synthetic_vision", img_size=32, batch_size=256, train_size=512, test_size=256)
-    x, y = next(iter(dm.train_dataloader()))
+    x, y, _ = next(iter(dm.train_dataloader()))
     tx, ty = next(iter(dm.test_dataloader()))
     features, test_features = x.flatten(1), tx.flatten(1)
     centroids = torch.stack([features[y == c].mean(0) for c in range(5)])

@@ -8,6 +8,11 @@ longer exist (and, under FSDP, the full weights needed for calibration would no 
 In `setup` the process group already exists, so calibration statistics are all-reduced, rank 0's plan and layers are
 broadcast, and every rank holds the identical factorization.
 
+Distillation (METHOD.md section 9): with `distill.weight` > 0 the dense model's targets are cached over the training
+set after the head warm-up and before the method changes the model (or, for a method with its own teacher such as
+TuneComp, computed by that teacher each step); the LightningModule adds the KL term in `training_step`. The cache
+travels in checkpoints, so a resumed run distils toward the same targets.
+
 Precision (METHOD.md section 8): after the method is applied (or its structure rebuilt for a resume, before Lightning
 loads the checkpoint's weights into it), every trainable tensor is cast to fp32 while the frozen ones keep the
 backbone's dtype; the trainer's precision flag must be one that keeps them so (`core.precision.check_precision`).
@@ -24,10 +29,12 @@ from lightning.pytorch.callbacks import Callback
 
 from ..core import check_precision, count_params, model_dtype, upcast_trainable
 from ..core.calibration import check_every_rank_has_batches
+from ..distill import Distillation, DistillSettings, TeacherCache, build_cache
 from ..methods.base import Method, MethodContext
 from ..utils.tables import print_rank_table
 
 CHECKPOINT_KEY = "jactus_method"
+DISTILL_CHECKPOINT_KEY = "jactus_distill_cache"
 
 
 class CompressionCallback(Callback):
@@ -46,6 +53,7 @@ class CompressionCallback(Callback):
         evaluate_dense_before: bool = True,
         calib_batches: int | None = None,
         before_split: str = "test",
+        distill: DistillSettings | None = None,
     ):
         if head_warmup_steps < 0:
             raise ValueError(f"calib.head_warmup_steps={head_warmup_steps}: expected >= 0")
@@ -65,6 +73,10 @@ class CompressionCallback(Callback):
         self.apply_wall_s: float | None = None
         self.apply_peak_mem_gb: float | None = None
         self.backbone_dtype: torch.dtype | None = None
+        self.distill = distill or DistillSettings()
+        self.distill_weight = self.distill.resolved_weight(method)  # a bad pairing fails before any loading
+        self.teacher_cache: TeacherCache | None = None
+        self.distill_summary: dict = {}
 
     # ---- before the strategy wraps the model -----------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -80,6 +92,7 @@ class CompressionCallback(Callback):
             self._apply(trainer, pl_module)
         upcast_trainable(pl_module.model)  # what trains is fp32, whatever the method left in the backbone's dtype
         pl_module.method = self.method  # training_step adds the method's loss terms
+        pl_module.distillation = self._distillation(pl_module)
         self.params_trainable = count_params(pl_module.model, trainable_only=True)
         self.applied = True
         summary = self.method.summary()
@@ -107,6 +120,8 @@ class CompressionCallback(Callback):
             loader = getattr(trainer.datamodule, f"{split}_dataloader")()
         if loader is not None and self.evaluate_dense_before:
             self.metrics_before["dense"] = pl_module.evaluate(loader, device, stage=split)
+        if self._needs_cache():
+            self._build_teacher_cache(trainer, pl_module, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
@@ -124,6 +139,41 @@ class CompressionCallback(Callback):
             self.apply_peak_mem_gb = torch.cuda.max_memory_allocated(device) / 2**30
         if loader is not None and self.method.compresses:
             self.metrics_before["method"] = pl_module.evaluate(loader, device, stage=split)
+
+    # ---- distillation ----------------------------------------------------------------------------------------
+    def _needs_cache(self) -> bool:
+        return self.distill_weight > 0 and not self.method.own_teacher
+
+    def _build_teacher_cache(self, trainer: L.Trainer, pl_module: L.LightningModule, device: torch.device) -> None:
+        datamodule = trainer.datamodule
+        if not hasattr(datamodule, "distillation_dataloader"):
+            raise ValueError(f"distill.weight={self.distill_weight}: the datamodule {type(datamodule).__name__} has no "
+                             f"distillation_dataloader() (the training set in order, with example indices)")
+        start = time.perf_counter()
+        self.teacher_cache = build_cache(pl_module.model, datamodule.distillation_dataloader(),
+                                         pl_module.loss_and_logits, family=pl_module.family, topk=self.distill.topk,
+                                         temperature=self.distill.temperature, device=device,
+                                         rank=trainer.global_rank, world_size=trainer.world_size)
+        self.distill_summary = {"cache_examples": len(self.teacher_cache),
+                                "cache_mb": self.teacher_cache.nbytes() / 2**20,
+                                "cache_wall_s": time.perf_counter() - start}
+
+    def _distillation(self, pl_module: L.LightningModule) -> Distillation | None:
+        if self.distill_weight == 0:
+            return None
+        distillation = Distillation(self.distill_weight, self.distill.temperature, self.distill.topk,
+                                    cache=self.teacher_cache)
+        if self.method.own_teacher:
+            def teacher_logits(model, batch):
+                with self.method.distill_teacher(model):
+                    return pl_module.loss_and_logits(model, batch)[1]
+
+            distillation.teacher_fn = teacher_logits
+        elif self.teacher_cache is None:
+            raise RuntimeError("distillation is on but no teacher cache was built")
+        self.distill_summary.update(weight=self.distill_weight, temperature=self.distill.temperature,
+                                    topk=self.distill.topk, teacher="own" if distillation.teacher_fn else "cache")
+        return distillation
 
     def _calibration_batches(self, trainer: L.Trainer) -> Iterable:
         datamodule = trainer.datamodule
@@ -149,6 +199,12 @@ class CompressionCallback(Callback):
                              f"but this run's method is {self.method.name!r}")
         if saved["structure"] is not None:
             pl_module.model = self.method.rebuild(pl_module.model, saved["structure"])
+        if self._needs_cache():
+            if DISTILL_CHECKPOINT_KEY not in checkpoint:
+                raise ValueError(f"checkpoint {ckpt_path} holds no distillation targets, but this run has "
+                                 f"distill.weight={self.distill_weight}: resume with the distill settings it was "
+                                 f"trained with")
+            self.teacher_cache = TeacherCache.from_state_dict(checkpoint[DISTILL_CHECKPOINT_KEY])
 
     # ---- during training -------------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -156,6 +212,8 @@ class CompressionCallback(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_KEY] = {"name": self.method.name, "structure": self.method.structure()}
+        if self.teacher_cache is not None:
+            checkpoint[DISTILL_CHECKPOINT_KEY] = self.teacher_cache.state_dict()
 
 
 def _move(batches: Iterable, device: torch.device, rank: int, world_size: int) -> list:

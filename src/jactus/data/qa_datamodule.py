@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from .indexed import Indexed, IndexedCollator
 from .qa import (  # noqa: F401
     ANSWER_FORMATS,
     COMMONSENSE_TASKS,
@@ -148,13 +149,22 @@ class QADataModule(L.LightningDataModule):
                 f"train_per_task={self.train_per_task} left nothing for it")
 
     # ---- loaders -------------------------------------------------------------------------------------------------
-    def _loader(self, split: str, batch_size: int, collate, shuffle: bool = False) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, collate, shuffle: bool = False, indexed: bool = False
+                ) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(self.encoded(split), batch_size=batch_size, shuffle=shuffle, generator=generator,
-                          collate_fn=collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        dataset = self.encoded(split)
+        return DataLoader(Indexed(dataset) if indexed else dataset, batch_size=batch_size, shuffle=shuffle,
+                          generator=generator, collate_fn=IndexedCollator(collate) if indexed else collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, self.train_collate, shuffle=True)
+        """Training batches with `example_idx` (the indices key the distillation targets)."""
+        return self._loader("train", self.batch_size, self.train_collate, shuffle=True, indexed=True)
+
+    def distillation_dataloader(self) -> DataLoader:
+        """The training set once, in order, collated as for training (a row's labelled positions do not depend on
+        the other rows of its batch, so the cached targets line up with any training batch)."""
+        return self._loader("train", self.eval_batch_size, self.train_collate, indexed=True)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .indexed import Indexed, IndexedCollator
 from .registry import get_vision_dataset
 from .vision import (  # noqa: F401
     IMAGENET_MEAN,
@@ -114,14 +115,20 @@ class VisionDataModule(L.LightningDataModule):
         return {name: len(self._split(name)) for name in ("train", "val", "calib", "test")}
 
     # ---- loaders -------------------------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, indexed: bool = False) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=self.num_workers, collate_fn=self.collate,
+        return DataLoader(Indexed(dataset) if indexed else dataset, batch_size=batch_size, shuffle=shuffle,
+                          generator=generator, num_workers=self.num_workers,
+                          collate_fn=IndexedCollator(self.collate) if indexed else self.collate,
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._split("train"), self.batch_size, shuffle=True)
+        """Batches `(images, labels, example_idx)`: the indices key the distillation targets."""
+        return self._loader(self._split("train"), self.batch_size, shuffle=True, indexed=True)
+
+    def distillation_dataloader(self) -> DataLoader:
+        """The training set once, in order, batched as `train_dataloader` batches it (the teacher cache's pass)."""
+        return self._loader(self._split("train"), self.eval_batch_size, shuffle=False, indexed=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._split("val"), self.eval_batch_size, shuffle=False)

@@ -37,14 +37,21 @@ class TaskModule(L.LightningModule):
             raise ValueError(f"optim.warmup_ratio={warmup_ratio}: expected a value in [0, 1)")
         self.model = model
         self.method = None  # set by CompressionCallback: its `loss_terms` join the task loss
+        self.distillation = None  # set by CompressionCallback when distill.weight > 0 (jactus.distill.Distillation)
         self.head_names = list(head_names)
         self.lr, self.weight_decay = lr, weight_decay
         self.warmup_ratio, self.min_lr_ratio = warmup_ratio, min_lr_ratio
 
     # ---- what subclasses provide -------------------------------------------------------------------------
+    def loss_and_logits(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The task loss of `model` on a training batch, the logits it was computed from at the loss positions
+        ([B, C] for a classifier, [M, V] at the M labelled tokens for an LM) and the batch row of each ([B] / [M]).
+        The logits are what distillation compares with the dense model's."""
+        raise NotImplementedError
+
     def calibration_loss(self, model: nn.Module, batch) -> torch.Tensor:
         """The task loss of `model` on a training batch (used by training and by calibration)."""
-        raise NotImplementedError
+        return self.loss_and_logits(model, batch)[0]
 
     def score_batch(self, batch) -> dict[str, torch.Tensor]:
         """Per-example scores: {"correct": bool [B], "nll": float [B], "task_idx": long [B]}.
@@ -68,12 +75,14 @@ class TaskModule(L.LightningModule):
 
     # ---- training --------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
-        loss = self.calibration_loss(self.model, batch)
+        loss, logits, _ = self.loss_and_logits(self.model, batch)
         batch_size = self._batch_size(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        # The method's terms (TuneComp's group lasso, ...) join the loss here, so the precision plugin's loss scaling
-        # and gradient accumulation treat them exactly like the task loss.
-        terms = self.method.loss_terms(self.model, batch) if self.method is not None else {}
+        # The method's terms (TuneComp's group lasso, ...) and distillation join the loss here, so the precision
+        # plugin's loss scaling and gradient accumulation treat them exactly like the task loss.
+        terms = dict(self.method.loss_terms(self.model, batch)) if self.method is not None else {}
+        if self.distillation is not None:
+            terms["distill"] = self.distillation.term(self.model, batch, logits)
         for name, value in terms.items():
             self.log(f"train/{name}", value.detach(), batch_size=batch_size)
             loss = loss + value

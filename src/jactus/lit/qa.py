@@ -27,11 +27,11 @@ class CausalLMQA(TaskModule):
     def task_names(self) -> list[str]:
         return self._task_names
 
-    def calibration_loss(self, model, batch) -> torch.Tensor:
+    def loss_and_logits(self, model, batch):
         """Mean cross-entropy over the labelled (answer) tokens: HF's causal-LM loss, computed without the
         vocabulary-sized head on the unlabelled prompt positions (see `labelled_logits`)."""
-        logits, targets, _ = labelled_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        return F.cross_entropy(logits.float(), targets)
+        logits, targets, rows = labelled_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return F.cross_entropy(logits.float(), targets), logits, rows
 
     def score_batch(self, batch) -> dict[str, torch.Tensor]:
         scores = choice_scores(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])

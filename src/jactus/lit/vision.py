@@ -11,9 +11,10 @@ from .base import TaskModule
 class ImageClassifier(TaskModule):
     family = "vision"
 
-    def calibration_loss(self, model, batch) -> torch.Tensor:
-        images, labels = batch
-        return F.cross_entropy(model(images), labels)
+    def loss_and_logits(self, model, batch):
+        images, labels = batch[0], batch[1]  # training batches also carry their example indices (batch[2])
+        logits = model(images)
+        return F.cross_entropy(logits, labels), logits, torch.arange(labels.shape[0], device=labels.device)
 
     def warmup_head(self, batches, steps: int, lr: float) -> None:
         """Linear probe on cached features: the frozen backbone runs once per batch, not once per step.
@@ -30,8 +31,8 @@ class ImageClassifier(TaskModule):
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            cached = [(model.forward_head(model.forward_features(images), pre_logits=True), labels)
-                      for images, labels in batches]
+            cached = [(model.forward_head(model.forward_features(batch[0]), pre_logits=True), batch[1])
+                      for batch in batches]
         params = list(head.parameters())
         broadcast_parameters(params)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -45,7 +46,7 @@ class ImageClassifier(TaskModule):
         model.train(was_training)
 
     def score_batch(self, batch) -> dict[str, torch.Tensor]:
-        images, labels = batch
+        images, labels = batch[0], batch[1]
         logits = self.model(images)
         return {"correct": logits.argmax(dim=-1) == labels,
                 "nll": F.cross_entropy(logits.float(), labels, reduction="none"),

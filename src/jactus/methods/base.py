@@ -7,6 +7,7 @@ hooks; the methods themselves are plain PyTorch and never import Lightning or Hy
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -85,6 +86,10 @@ class Method:
     name: ClassVar[str] = "base"
     compresses: ClassVar[bool] = False
     shardable: ClassVar[bool] = True
+    # distill.weight when the config leaves it null (METHOD.md section 9): TACO's recipe distils, the others do not
+    default_distill_weight: ClassVar[float] = 0.0
+    # True: distillation uses the method's own teacher (`distill_teacher`) instead of a cache of the dense model
+    own_teacher: ClassVar[bool] = False
 
     def apply(self, ctx: MethodContext) -> nn.Module:
         """Prepare `ctx.model` for training; return the module to train (usually the same object)."""
@@ -98,6 +103,12 @@ class Method:
         them to the task loss in `training_step`, so the precision plugin's loss scaling and gradient accumulation
         treat them as they treat the task loss; each is logged as `train/<name>`."""
         return {}
+
+    def distill_teacher(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """For a method with `own_teacher`: a context in which `model` computes its teacher's outputs (TuneComp:
+        every teacher branch at full weight). Other methods distil from a cache of the dense model built before
+        `apply`."""
+        raise NotImplementedError(f"method {self.name!r} has no teacher of its own")
 
     def export(self, model: nn.Module) -> nn.Module:
         """The deployable model: adapters merged, factors folded, teacher branches dropped."""

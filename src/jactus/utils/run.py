@@ -80,12 +80,16 @@ def _on_command_line(key: str) -> bool:
 
 
 def method_label(cfg: DictConfig) -> str:
-    """The method's config name (jactus, jactus_rho0, lora, ...): what reports group by."""
+    """The method's config name (jactus, jactus_rho0, lora, ...): what reports group by. An explicit
+    `distill.weight` > 0 adds "+kd" (a method's own default, TACO's distillation, is part of its name)."""
     if cfg.get("method_label"):
         return str(cfg.method_label)
     if HydraConfig.initialized():
-        return HydraConfig.get().runtime.choices.get("method", "unknown")
-    return str(cfg.method.get("_target_", "unknown")).rsplit(".", 1)[-1].lower()
+        name = HydraConfig.get().runtime.choices.get("method", "unknown")
+    else:
+        name = str(cfg.method.get("_target_", "unknown")).rsplit(".", 1)[-1].lower()
+    weight = (cfg.get("distill") or {}).get("weight")
+    return f"{name}+kd" if weight else name
 
 
 def flat_config(cfg: DictConfig) -> dict:
