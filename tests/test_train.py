@@ -139,15 +139,17 @@ def dump_callback(monkeypatch):
 def test_checkpoint_of_factorized_run_resumes(compose_cfg, tmp_path, dump_callback):
     base = TINY["vision"] + ["trainer=cpu", "logger=none", "callbacks=none", "calib.num_samples=16",
                              "method=jactus", "allocator.rank_multiple=1", "evaluate_before=false",
+                             "distill.weight=0.5",  # the teacher cache travels in the checkpoint
                              "trainer.max_epochs=10"]  # max_steps ends both runs; the resumed one must train
     first, _ = run_train(compose_cfg, base + ["trainer.max_steps=2"], tmp_path / "a")
     ckpts = sorted((tmp_path / "a" / "run").rglob("*.ckpt"))
     assert ckpts, "the first run wrote no checkpoint"
     checkpoint = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
     assert checkpoint["jactus_method"]["structure"]["plan"]["ranks"] == first["rank_map"]
+    assert len(checkpoint["jactus_distill_cache"]["entries"]) == first["distill"]["cache_examples"] > 0
     resumed, _ = run_train(compose_cfg, base + ["trainer.max_steps=4", f"ckpt_path='{ckpts[-1]}'", *DUMP,
                                                 f"+callbacks.dump.out_dir={tmp_path / 'dump'}"], tmp_path / "b")
-    assert resumed["status"] == "ok"
+    assert resumed["status"] == "ok" and resumed["distill"]["teacher"] == "cache"
     assert resumed["rank_map"] == first["rank_map"]
     assert resumed["params_deployed"] == first["params_deployed"]
     restored = torch.load(tmp_path / "dump" / "start_rank0.pt")["cores"]  # when training resumes

@@ -65,11 +65,15 @@ def learning_rate(cfg: DictConfig) -> float:
 
     An `optim.lr` given on the command line (or as a sweep value) wins over that table: a learning-rate sweep runs
     the rates it names. (Hydra merges `optim.lr_by_method={}` into the experiment's table instead of emptying it;
-    `optim.lr_by_method=null` disables the table.)"""
+    `optim.lr_by_method=null` disables the table.) A distilled row ("jactus+kd") without an entry of its own takes
+    its method's rate."""
     table = cfg.optim.get("lr_by_method") or {}
     label = method_label(cfg)
-    if label in table and not _on_command_line("optim.lr"):
-        return float(table[label])
+    if _on_command_line("optim.lr"):
+        return float(cfg.optim.lr)
+    for key in (label, label.split("+", 1)[0]):
+        if key in table:
+            return float(table[key])
     return float(cfg.optim.lr)
 
 
