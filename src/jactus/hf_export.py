@@ -45,6 +45,10 @@ BASE_MODEL_TYPE = "{model_type}"
 def _check_exportable(model: nn.Module) -> None:
     if getattr(model, "jactus_arch", {}).get("library") == "timm" or type(model).__module__.startswith("timm."):
         raise ValueError(f"cannot export {type(model).__name__} to the Hugging Face format: {TIMM_MESSAGE}")
+    sparse = [name for name, module in model.named_modules() if isinstance(getattr(module, "sparse", None), nn.Module)]
+    if sparse:
+        raise ValueError(f"cannot export a model with sparse corrections (method.sparse_share > 0; e.g. {sparse[0]}) "
+                         f"to the Hugging Face format yet: load it with jactus.load_compact")
     name = type(model).__name__
     if name not in SUPPORTED_CLASSES or not hasattr(model, "config"):
         raise ValueError(f"cannot export {name} to the Hugging Face format; supported causal LMs: "

@@ -129,6 +129,20 @@ def build_architecture(arch: Mapping) -> nn.Module:
         return transformers.AutoModelForCausalLM.from_config(config)
 
 
+def attach_sparse_structure(model: nn.Module, nnz: Mapping[str, int], device=None) -> None:
+    """Give each named low-rank layer an empty sparse correction with that many non-zeros (structure to load a
+    state dict into: a compact model, a checkpoint to resume)."""
+    from .sparse import SparseDelta
+
+    for name, count in nnz.items():
+        layer = model.get_submodule(name)
+        if not isinstance(layer, (FactorizedLinear, LowRankLinear)):
+            raise ValueError(f"{name} carries a sparse correction but is {type(layer).__name__}, not a low-rank layer")
+        index = torch.zeros(count, dtype=torch.long, device=device)
+        layer.sparse = SparseDelta(layer.out_features, layer.in_features, index,
+                                   torch.zeros(count, device=device))
+
+
 def load_compact(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the compact model saved by `save_compact` on `device`, in eval mode, with `model.jactus_arch` set."""
     from safetensors import safe_open
@@ -152,6 +166,8 @@ def load_compact(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
 
     model = build_architecture(arch)
     apply_rank_map(model, rank_map, LowRankLinear)
+    attach_sparse_structure(model, {name[: -len(".sparse.values")]: tensor.numel() for name, tensor in tensors.items()
+                                    if name.endswith(".sparse.values")}, device=device)
     state = {name: tensor for name, tensor in tensors.items() if name not in non_persistent}
     model.load_state_dict(state, strict=True, assign=True)
     for name in non_persistent:

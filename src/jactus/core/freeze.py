@@ -1,7 +1,7 @@
 """The one freeze policy: which tensors of a prepared model train (METHOD.md section 3), and in which dtype.
 
 `train_cores` is what `factorize`, `compress_model`, a resumed run and every method that trains cores (jactus, cersa)
-use: the cores `C` of every `FactorizedLinear`, their biases, the norm layers and the task heads train; everything
+use: the cores `C` of every `FactorizedLinear` (and the values of its sparse correction, if any), their biases, the norm layers and the task heads train; everything
 else (the factors `U`, `V`, targets kept dense, embeddings, LayerScale gammas) is frozen. The trainable tensors are
 kept in fp32 whatever the backbone's dtype (`core.precision`).
 """
@@ -73,6 +73,8 @@ def train_cores(model: nn.Module, head_names: Sequence[str] = (),
 
     def core_or_bias(name: str, _) -> bool:
         layer, _, leaf = name.rpartition(".")
+        if leaf == "values" and layer.endswith(".sparse") and layer[: -len(".sparse")] in factorized:
+            return True  # a sparse correction's values train with the cores (core.sparse)
         return layer in factorized and (leaf == "C" or (leaf == "bias" and "bias" in keep))
 
     set_trainable(model, head_names=head_names, norms="norm" in keep, extra=core_or_bias)

@@ -11,6 +11,8 @@ stay in `state_dict`, follow `.to(dtype)`, and are skipped by any optimizer buil
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +37,7 @@ class FactorizedLinear(nn.Module):
         self.C = nn.Parameter(C.contiguous())
         self.V = nn.Parameter(V.contiguous(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias)
+        self.sparse: nn.Module | None = None  # an optional sparse correction S x (core.sparse.SparseDelta)
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
@@ -62,8 +65,10 @@ class FactorizedLinear(nn.Module):
         core = self.C.to(self.U.dtype)
         bias = None if self.bias is None else self.bias.to(self.U.dtype)
         if x.numel() // self.in_features > self.out_features:
-            return F.linear(h, self.U @ core, bias)
-        return F.linear(F.linear(h, core), self.U, bias)
+            y = F.linear(h, self.U @ core, bias)
+        else:
+            y = F.linear(F.linear(h, core), self.U, bias)
+        return y if self.sparse is None else y + self.sparse(x).to(y.dtype)
 
     @torch.no_grad()
     def fold(self) -> LowRankLinear:
@@ -76,6 +81,8 @@ class FactorizedLinear(nn.Module):
         layer.up.weight.copy_(self.U.to(dtype) @ self.C.to(dtype))
         if self.bias is not None:
             layer.up.bias.copy_(self.bias)
+        if self.sparse is not None:
+            layer.sparse = copy.deepcopy(self.sparse)
         return layer
 
     def extra_repr(self) -> str:
@@ -90,6 +97,7 @@ class LowRankLinear(nn.Module):
         super().__init__()
         self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+        self.sparse: nn.Module | None = None  # an optional sparse correction S x (core.sparse.SparseDelta)
 
     @property
     def in_features(self) -> int:
@@ -104,4 +112,5 @@ class LowRankLinear(nn.Module):
         return self.down.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
+        y = self.up(self.down(x))
+        return y if self.sparse is None else y + self.sparse(x).to(y.dtype)

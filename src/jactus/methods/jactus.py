@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from ..core import ALLOCATORS, SCOPES, STATS_MODES, compress_model
+from ..core import ALLOCATORS, SCOPES, STATS_MODES, FactorizedLinear, compress_model, count_params, find_targets
+from ..core.compact import attach_sparse_structure
+from ..core.sparse import SparseDelta, sparse_index_bytes, top_support, uniform_nnz, weight_fisher
 from ..core.subspace import WEIGHT_BASES
-from .base import CalibSettings, MethodContext, check_budget, choice, register
+from .base import CalibSettings, MethodContext, check_budget, choice, register, train_cores
 from .low_rank import LowRankMethod
 
 
@@ -20,6 +23,16 @@ class Jactus(LowRankMethod):
     `allocator=uniform`, `stats_mode=input` (Sg = I) or `gradient` (Sx = I). Compression runs through the
     memory-bounded `compress_model` with the `calib` group's memory options (`CalibSettings`: `max_stats_bytes`
     bounds the statistics held at once, `stats_dtype` is the dtype of their running sums, ...).
+
+    `sparse_share` > 0 (METHOD.md section 10, last bullet) gives that fraction of the budget to a sparse correction
+    `S x` on every factorized layer: the ranks are planned for `budget * (1 - sparse_share)`, then
+    `floor(sparse_share * budget * P)` non-zeros (P: the parameters in the budget's scope) are spread over the
+    factorized layers at one density (in proportion to their m n), each layer's support being its largest entries
+    of the weight Fisher (sum over calibration batches of (g^T x)^2) measured on the factorized model; the values
+    start at zero (the factorized model is unchanged at init) and train with the cores. Deployed = low-rank + the
+    non-zeros; the supports' CSR index bytes are reported apart (`sparse_index_bytes`), as TACO reports them.
+    Decision where METHOD.md is silent: one density for all layers (RoSA's per-layer rule) rather than a global
+    Fisher threshold, whose raw scores are not comparable across layers of different widths.
     """
 
     def __init__(
@@ -35,9 +48,16 @@ class Jactus(LowRankMethod):
         targets: Sequence[str] | None = None,
         mask_key: str = "attention_mask",
         calib: Mapping | None = None,
+        sparse_share: float = 0.0,
     ):
         super().__init__()
         self._budget = check_budget(budget, "jactus")
+        if isinstance(sparse_share, bool) or not isinstance(sparse_share, (int, float)) or not 0 <= sparse_share < 1:
+            raise ValueError(f"method.sparse_share={sparse_share!r}: expected a fraction of the budget in [0, 1) "
+                             f"(0 = off; e.g. 0.02), leaving the rest to the low-rank layers")
+        self.sparse_share = float(sparse_share)
+        self.sparse_nnz: dict[str, int] = {}
+        self.sparse_index_bytes = 0
         self.scope = choice(scope, SCOPES, "budget.scope")
         self.allocator = choice(allocator, ALLOCATORS, "allocator")
         self.stats_mode = choice(stats_mode, STATS_MODES, "method.stats_mode")
@@ -62,11 +82,46 @@ class Jactus(LowRankMethod):
         if ctx.calibration_batches is None:
             raise ValueError("jactus needs calibration batches (the datamodule's calibration_dataloader())")
         self.head_names = list(ctx.head_names)
-        model, self.plan = compress_model(
+        params_scope = self._params_in_scope(ctx.model) if self.sparse_share else 0
+        low_rank_budget = self.budget * (1.0 - self.sparse_share)
+        try:
+            model, self.plan = self._compress(ctx, low_rank_budget)
+        except ValueError as err:
+            if not self.sparse_share:
+                raise
+            raise ValueError(f"method.sparse_share={self.sparse_share} leaves {low_rank_budget:.4f} of the model to "
+                             f"the low-rank layers, which no plan meets ({err}); lower the sparse share") from err
+        self.compress_stats = model.jactus_compress_stats
+        if self.sparse_share:
+            self._add_sparse(model, ctx, math.floor(self.sparse_share * self.budget * params_scope))
+        return model
+
+    def _params_in_scope(self, model: nn.Module) -> int:
+        if self.scope == "model":
+            return count_params(model)
+        return sum(model.get_submodule(name).weight.numel() + (model.get_submodule(name).bias.numel() if
+                   model.get_submodule(name).bias is not None else 0) for name in find_targets(model, self.targets))
+
+    def _add_sparse(self, model: nn.Module, ctx: MethodContext, nnz_total: int) -> None:
+        layers = {name: m for name, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+        if not layers:
+            raise ValueError(f"method.sparse_share={self.sparse_share}: the plan kept every target dense, so there "
+                             f"is no low-rank layer to correct; lower the budget or the sparse share")
+        counts = uniform_nnz({name: (m.out_features, m.in_features) for name, m in layers.items()}, nnz_total)
+        scores = weight_fisher(model, layers, list(ctx.calibration_batches), ctx.loss_fn)
+        for name, layer in layers.items():
+            index = top_support(scores[name], counts[name]).to(layer.U.device)
+            layer.sparse = SparseDelta(layer.out_features, layer.in_features, index)
+        self.sparse_nnz = counts
+        self.sparse_index_bytes = sparse_index_bytes(layer.sparse for layer in layers.values())
+        train_cores(model, self.head_names)  # the values train with the cores
+
+    def _compress(self, ctx: MethodContext, budget: float):
+        return compress_model(
             ctx.model,
             ctx.calibration_batches,
             ctx.loss_fn,
-            self.budget,
+            budget,
             targets=self.targets,
             allocator=self.allocator,
             scope=self.scope,
@@ -80,11 +135,27 @@ class Jactus(LowRankMethod):
             device=ctx.device,
             **self.calib.driver_kwargs(),
         )
-        self.compress_stats = model.jactus_compress_stats
-        return model
+
+    def structure(self) -> dict | None:
+        structure = super().structure()
+        if structure is not None and self.sparse_nnz:
+            structure["sparse_nnz"] = self.sparse_nnz
+        return structure
+
+    def rebuild(self, model: nn.Module, structure: dict) -> nn.Module:
+        self.sparse_nnz = dict(structure.get("sparse_nnz") or {})
+        return super().rebuild(model, structure)
+
+    def prepare_rebuilt(self, model: nn.Module) -> nn.Module:
+        attach_sparse_structure(model, self.sparse_nnz)  # the supports and values come from the checkpoint
+        self.sparse_index_bytes = sparse_index_bytes(model.get_submodule(name).sparse for name in self.sparse_nnz)
+        return super().prepare_rebuilt(model)
 
     def summary(self) -> dict:
         summary = super().summary()
         if summary and self.compress_stats:
             summary["compress_stats"] = self.compress_stats
+        if summary and self.sparse_nnz:
+            summary["sparse"] = {"share": self.sparse_share, "nnz": sum(self.sparse_nnz.values()),
+                                 "layers": len(self.sparse_nnz), "index_bytes_csr_int32": self.sparse_index_bytes}
         return summary
