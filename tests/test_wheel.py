@@ -30,6 +30,7 @@ def test_wheel_installs_and_trains_from_outside_the_repository(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("jactus_ml-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "jactus/conf/train.yaml" in names and "jactus/conf/method/jactus.yaml" in names
+    assert "jactus/lm_eval_tasks/jactus_piqa.yaml" in names and "jactus/lm_eval_tasks/_template_yaml" in names
     assert not any(name.startswith(("tests/", "experiments/")) for name in names)
     target = tmp_path / "site"
     run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)])
