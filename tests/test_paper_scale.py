@@ -51,7 +51,7 @@ def test_paper_llama_cs_shows_fp32_statistics_with_a_bound(compose_cfg):
     assert cfg.trainer.precision == "bf16-mixed" and cfg.model.backbone.dtype == "bfloat16"
 
 
-@pytest.mark.parametrize("method", ["jactus", "compress_then_adapt", "tunecomp", "cersa"])
+@pytest.mark.parametrize("method", ["jactus", "compress_then_adapt", "tunecomp", "cersa", "taco"])
 def test_memory_options_reach_every_compressing_method(method, compose_cfg):
     from hydra.utils import instantiate
 

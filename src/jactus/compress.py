@@ -58,7 +58,7 @@ def compress(cfg: DictConfig) -> list[dict]:
     label = method_label(cfg)
     if not getattr(get_class(cfg.method._target_), "compresses", False):
         raise ValueError(f"method={label} keeps the model at full size; jactus-compress takes a compressing method: "
-                         f"jactus (and its ablations), cersa, compress_then_adapt or tunecomp")
+                         f"jactus (and its ablations), cersa, compress_then_adapt, tunecomp or taco")
     methods = [instantiate(cfg.method, budget=budget, _convert_="all") for budget in budgets]  # options fail here
     L.seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -73,7 +73,7 @@ def compress(cfg: DictConfig) -> list[dict]:
 
     def compressed():
         """(budget, method, compact model, seconds) per budget, one at a time (each goes once written)."""
-        if isinstance(methods[0], Jactus):
+        if isinstance(methods[0], Jactus) and not methods[0].sparse_share:  # one calibration for every budget
             method = methods[0]
             begin = time.perf_counter()
             results = compress_model(model, calibration, module.calibration_loss, budgets, targets=method.targets,
@@ -108,7 +108,7 @@ def compress(cfg: DictConfig) -> list[dict]:
             module.model = compact
             metrics = module.evaluate(test_loader, device)
             rows.append((f"{label}@{budget}", metrics))
-        deployed = count_params(compact)
+        deployed = method.params_deployed(compact)  # a sparse method counts its non-zeros
         summary = {
             "method": label, "model": cfg.model.name, "data": cfg.data.name, "budget": budget,
             "seed": int(cfg.seed), "params_original": params_original, "params_deployed": deployed,
