@@ -138,7 +138,10 @@ def test_gaps(sweep, tmp_path):
     assert "| jactus@0.8 | lora | +3.00 ± 0.00 | — | — | — |" in section
     gaps = pd.read_csv(out / "gaps.csv")
     assert len(gaps) == 3 * 4 and list(gaps.columns) == ["table", "ref", "other", "column", "ref_mean",
-                                                          "other_mean", "gap", "paired_seeds", "paired_std"]
+                                                          "other_mean", "gap", "paired_seeds", "paired_std",
+                                                          "ci_level", "ci_low", "ci_high", "ci_gap", "ci_seeds",
+                                                          "ci_items"]
+    assert gaps["ci_low"].isna().all() and (gaps["ci_seeds"] == 0).all()  # no per-item results in this sweep
     cifar = gaps[(gaps["other"] == "jactus@0.8") & (gaps["column"] == "cifar10")].iloc[0]
     assert cifar["paired_seeds"] == 2 and cifar["paired_std"] == pytest.approx(0.0)
     average = gaps[(gaps["other"] == "dora") & (gaps["column"] == "Avg.")].iloc[0]
@@ -251,3 +254,105 @@ def test_console_results_table_shows_accuracies_then_the_overall_nll(capsys):
     header = next(line for line in capsys.readouterr().out.splitlines() if "stage" in line)
     columns = header.replace("┃", " ").split()
     assert columns == ["stage", "acc", "acc_piqa", "nll"]
+
+
+# ---- per-item results and paired bootstrap intervals ----------------------------------------------------------
+
+
+def test_items_file_round_trip(tmp_path):
+    from jactus.summary import ITEMS_FILE, read_items, write_items
+
+    records = [{"split": "test", "task": "piqa", "index": 0, "correct": True, "nll": 0.5},
+               {"split": "val", "task": "boolq", "index": 3, "correct": False, "nll": 1.25}]
+    path = write_items(tmp_path / "run", records)
+    assert path.name == ITEMS_FILE and read_items(path) == records and read_items(tmp_path / "run") == records
+    with pytest.raises(ValueError, match="expected"):
+        write_items(tmp_path, [{"split": "test", "task": "piqa"}])
+
+
+def _differences(correct_ref, correct_other, task="piqa"):
+    import numpy as np
+
+    return {task: 100.0 * (np.asarray(correct_ref, float) - np.asarray(correct_other, float))}
+
+
+def test_bootstrap_interval_contains_the_gap_and_shrinks_with_more_items():
+    import numpy as np
+
+    from jactus.report.bootstrap import paired_bootstrap
+
+    rng = np.random.default_rng(1)
+    widths = []
+    for items in (50, 800):
+        ref = rng.random(items) < 0.6
+        other = np.where(rng.random(items) < 0.8, ref, ~ref)  # agree on most items
+        interval = paired_bootstrap({0: _differences(ref, other)})
+        assert interval.low <= interval.observed <= interval.high and interval.items == items
+        assert interval.observed == pytest.approx(100.0 * (ref.mean() - other.mean()))
+        widths.append(interval.high - interval.low)
+    assert widths[1] < widths[0] / 2
+    same = rng.random(100) < 0.5
+    agree = paired_bootstrap({0: _differences(same, same), 1: _differences(same[:50], same[:50])})
+    assert (agree.low, agree.high, agree.seeds) == (0.0, 0.0, 2)
+    assert paired_bootstrap({0: _differences(same, same)}) == paired_bootstrap({0: _differences(same, same)})
+    assert paired_bootstrap({}) is None
+
+
+def _write_items(root, name, records):
+    from jactus.summary import write_items
+
+    write_items(root / name, [{"split": "test", "task": task, "index": index, "correct": bool(correct), "nll": 1.0}
+                              for task, index, correct in records])
+
+
+def test_gaps_carry_paired_bootstrap_intervals_and_item_counts(tmp_path):
+    """Two seeds x two tasks x 40 items; jactus is right on every item lora gets right plus 4 (piqa) / 0 (boolq)."""
+    root = tmp_path / "items"
+    for seed in (0, 1):
+        runs = {"j": [], "l": []}
+        for task, extra in (("piqa", 4), ("boolq", 0)):
+            for index in range(40):
+                lora = index % 2 == 0
+                runs["l"].append((task, index, lora))
+                runs["j"].append((task, index, lora or index < 2 * extra and index % 2 == 1))
+        for name, method in (("j", "jactus"), ("l", "lora")):
+            accs = {task: 100.0 * sum(c for t, _, c in runs[name] if t == task) / 40 for task in ("piqa", "boolq")}
+            metrics = {"test/acc": sum(accs.values()) / 2, **{f"test/acc_{t}": a for t, a in accs.items()}}
+            _write(root, f"{name}/s{seed}", method=method, data="commonsense8", seed=seed, budget=0.8 if
+                   method == "jactus" else None, ratio=0.8, model="llama", metrics=metrics)
+            _write_items(root, f"{name}/s{seed}", runs[name])
+    _write(root, "l_old/s2", method="lora", data="commonsense8", seed=2, model="llama",
+           metrics={"test/acc": 50.0, "test/acc_piqa": 50.0, "test/acc_boolq": 50.0})  # an old run: no items
+    _write(root, "j_old/s2", method="jactus", data="commonsense8", seed=2, budget=0.8, ratio=0.8, model="llama",
+           metrics={"test/acc": 55.0, "test/acc_piqa": 60.0, "test/acc_boolq": 50.0})
+    rep = report.write_report(root, tmp_path / "out", gaps=["jactus@0.8:lora"])
+    (gaps,) = rep.gaps
+    piqa, boolq, average = (gaps.intervals[("jactus@0.8", "lora", c)] for c in ("piqa", "boolq", "Avg."))
+    assert piqa.observed == pytest.approx(10.0) and piqa.low <= 10.0 <= piqa.high and piqa.low > 0
+    assert (piqa.seeds, piqa.items) == (2, 40) and (average.seeds, average.items) == (2, 80)
+    assert (boolq.low, boolq.high, boolq.observed) == (0.0, 0.0, 0.0)  # the methods agree on every item
+    assert average.observed == pytest.approx(5.0) and average.low <= 5.0 <= average.high
+    assert average.high - average.low < piqa.high - piqa.low  # twice the items
+    assert gaps.without_items == ["jactus@0.8 (seed 2)", "lora (seed 2)"]
+    assert gaps.text("jactus@0.8", "lora", "boolq").endswith("[+0.00, +0.00] (n=40 x 2)")
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "95% paired bootstrap interval (1000 resamples" in markdown
+    assert "No per-item results (items.jsonl.gz) for: jactus@0.8 (seed 2), lora (seed 2)" in markdown
+    assert "| lora | ? | ? | ? |" in markdown  # item counts: seed 2 has no items file
+    records = pd.read_csv(tmp_path / "out" / "gaps.csv")
+    row = records[records["column"] == "piqa"].iloc[0]
+    assert row["ci_seeds"] == 2 and row["ci_items"] == 40 and row["ci_low"] == pytest.approx(piqa.low)
+    (root / "l_old").rename(tmp_path / "l_old")  # without the old runs every cell's count is known
+    (root / "j_old").rename(tmp_path / "j_old")
+    report.write_report(root, tmp_path / "out2", gaps=["jactus@0.8:lora"])
+    markdown = (tmp_path / "out2" / "report.md").read_text()
+    assert "| jactus@0.8 | 40 x 2 | 40 x 2 | 80 x 2 |" in markdown and "No per-item results" not in markdown
+
+
+def test_gaps_without_item_files_say_so(sweep, tmp_path):
+    rep = report.write_report(sweep, tmp_path / "out", gaps=["jactus@0.8:lora"])
+    assert all(interval is None for interval in rep.gaps[0].intervals.values())
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "Items per cell: unknown (no run of this table wrote per-item results, items.jsonl.gz)" in markdown
+    assert "No per-item results (items.jsonl.gz) for: jactus@0.8 (seed 0), lora (seed 0)" in markdown
+    assert "[" not in markdown[markdown.index("### Gaps"):].split("\n\n")[2]  # no interval in the gap table

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jactus.summary import REQUIRED_KEYS
+from jactus.summary import REQUIRED_KEYS, read_items
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -69,6 +69,14 @@ def test_validation_split_metrics(family, val_override, compose_cfg, tmp_path):
     assert "test/acc" in with_val["metrics"]
     assert with_val["metrics"]["val/nll"] > 0 and with_val["metrics"]["test/nll"] > 0
     assert not any(key.startswith("val/") for key in without["metrics"])
+    for summary, splits in ((with_val, {"test", "val"}), (without, {"test"})):  # the per-item results behind them
+        items = read_items(Path(summary["run_dir"]))
+        assert summary["items"] == "items.jsonl.gz" and {item["split"] for item in items} == splits
+        for split in splits:
+            mine = [item for item in items if item["split"] == split]
+            assert len({(item["task"], item["index"]) for item in mine}) == len(mine)
+            assert summary["metrics"][f"{split}/acc"] == pytest.approx(100 * sum(i["correct"] for i in mine) / len(mine))
+            assert summary["metrics"][f"{split}/nll"] == pytest.approx(sum(i["nll"] for i in mine) / len(mine))
 
 
 def test_selection_run_never_reads_the_test_split(compose_cfg, tmp_path):
@@ -150,6 +158,9 @@ def test_checkpoint_of_factorized_run_resumes(compose_cfg, tmp_path, dump_callba
     resumed, _ = run_train(compose_cfg, base + ["trainer.max_steps=4", f"ckpt_path='{ckpts[-1]}'", *DUMP,
                                                 f"+callbacks.dump.out_dir={tmp_path / 'dump'}"], tmp_path / "b")
     assert resumed["status"] == "ok" and resumed["distill"]["teacher"] == "cache"
+    # rebuilt from the checkpoint, not compressed again (no calibration, no new teacher cache)
+    assert resumed["compress_wall_s"] is None and "cache_examples" not in resumed["distill"]
+    assert resumed["resumed_from"] == str(ckpts[-1])
     assert resumed["rank_map"] == first["rank_map"]
     assert resumed["params_deployed"] == first["params_deployed"]
     restored = torch.load(tmp_path / "dump" / "start_rank0.pt")["cores"]  # when training resumes

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
 from jactus.core import calibrate, factorize, plan_ranks  # noqa: E402
-from jactus.lit.base import _to_device  # noqa: E402
+from jactus.core.calibration import to_device  # noqa: E402
 from jactus.summary import git_sha  # noqa: E402
 from jactus.utils.run import CONF_DIR, build_run  # noqa: E402
 
@@ -57,7 +57,7 @@ def main(overrides: list[str]) -> None:
     run = build_run(cfg)
     run.datamodule.setup("fit")
     module, model = run.module, run.module.model
-    calibration = [_to_device(b, "cpu") for b in run.datamodule.calibration_dataloader()]
+    calibration = [to_device(b, "cpu") for b in run.datamodule.calibration_dataloader()]
     module.warmup_head(calibration, cfg.calib.head_warmup_steps, cfg.calib.head_warmup_lr)
     test = list(run.datamodule.test_dataloader())
     # held-out task loss on training-format batches the calibration did not see

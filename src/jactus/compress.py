@@ -25,7 +25,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from .core import compress_model, count_params, save_compact
-from .lit.base import _to_device
+from .core.calibration import to_device
 from .methods.base import MethodContext
 from .methods.jactus import Jactus
 from .summary import git_sha, write_summary
@@ -65,7 +65,7 @@ def compress(cfg: DictConfig) -> list[dict]:
     run = build_run(cfg)
     run.datamodule.setup("fit")
     module, model = run.module, run.module.model.to(device)
-    calibration = [_to_device(b, device) for b in run.datamodule.calibration_dataloader()]
+    calibration = [to_device(b, device) for b in run.datamodule.calibration_dataloader()]
     module.warmup_head(calibration, cfg.calib.head_warmup_steps, cfg.calib.head_warmup_lr)
     test_loader = run.datamodule.test_dataloader() if cfg.evaluate else None
     rows = [("dense", module.evaluate(test_loader, device))] if test_loader is not None else []

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .core.calibration import to_device
 from .core.precision import HALF_DTYPES, model_dtype
 
 # (loss, logits at the loss positions [B, C] or [M, V], batch row of each position) of a model on a training batch:
@@ -113,7 +114,7 @@ def build_cache(model: torch.nn.Module, batches: Iterable, loss_and_logits: Loss
                                                     disable=not progress or rank != 0, leave=False)):
             if number % world_size != rank:
                 continue
-            batch = _to_device(batch, device)
+            batch = to_device(batch, device)
             index = example_indices(batch).tolist()
             with _autocast(model, device):
                 _, logits, rows = loss_and_logits(model, batch)
@@ -226,10 +227,3 @@ class Distillation:
                                f"student {student_logits.shape[0]}: the batches changed since the cache was built")
         return scale * kl_from_cache(student_logits, targets, self.cache.kind, self.temperature)
 
-
-def _to_device(batch, device):
-    if isinstance(batch, dict):
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(v.to(device) if torch.is_tensor(v) else v for v in batch)
-    return batch.to(device)

@@ -2,8 +2,9 @@
 
     jactus-eval compact_dir=logs/train/runs/<time>/compact model=dinov2_small data=fashion_mnist
 
-Writes summary.json (like every run; method, budget and the original size come from the compact model's own
-summary.json when it sits beside it, as jactus-compress and jactus-train write them).
+Writes summary.json and items.jsonl.gz (the per-item results; see jactus.summary) like every run (method, budget and
+the original size come from the compact model's own summary.json when it sits beside it, as jactus-compress and
+jactus-train write them).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from omegaconf import DictConfig
 
 from .compress import resolve_device
 from .core import count_params, load_compact
-from .summary import git_sha, write_summary
+from .summary import ITEMS_FILE, git_sha, write_items, write_summary
 from .utils.run import CONF_DIR, check_config, task_wrapper
 from .utils.tables import print_results_table
 
@@ -60,6 +61,10 @@ def evaluate(cfg: DictConfig) -> dict:
         "metrics": metrics, "wall_s": time.perf_counter() - start, "git_sha": git_sha(), "status": "ok",
         "compact_dir": str(compact_dir), "fine_tuned": written.get("fine_tuned"),
     }
+    items = module.item_records("test", default_task=cfg.data.name)
+    if items:
+        summary["items"] = ITEMS_FILE
+        write_items(Path(cfg.paths.output_dir), items)
     write_summary(Path(cfg.paths.output_dir), summary)
     print_results_table(f"{compact_dir} on {cfg.data.name}: accuracy (%), nll", [("compact", metrics)])
     return summary

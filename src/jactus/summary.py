@@ -4,15 +4,26 @@ Keys (always present): method, model, data, budget (null for full-size methods),
 params_deployed, params_trainable, params_ratio (= deployed / original), metrics ({"test/acc": ..., "test/nll": ...
 (mean negative log-likelihood of the gold label / answer), and "test/acc_<task>", "test/nll_<task>" where several
 tasks; "val/..." the same on the validation split}), wall_s, git_sha, status ("ok" | "failed").
-Optional: experiment, metrics_before, compress_wall_s, compress_peak_mem_gb, rank_stats, rank_map, error, run_dir.
+Optional: experiment, metrics_before, compress_wall_s, compress_peak_mem_gb, rank_stats, rank_map, error, run_dir,
+items (the name of the per-item file below, when one was written).
+
+items.jsonl.gz, next to summary.json (jactus-train, jactus-eval): the per-item results behind `metrics`, one JSON
+object per line, gzip-compressed: {"split": "test" | "val", "task": "piqa" (the dataset name for single-task data),
+"index": 12, "correct": true, "nll": 0.83}. `index` is the item's position among its task's items of the split, so
+(split, task, index) names the same question in every run with the same data settings and seed (the seed fixes the
+split): jactus-report pairs two methods on it for its bootstrap intervals. `correct` and `nll` are as in `metrics`
+(the mean of `correct` x 100 over a task's items is `<split>/acc_<task>`; the mean of `nll` is `<split>/nll_<task>`).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 from pathlib import Path
 
+ITEMS_FILE = "items.jsonl.gz"
+ITEM_KEYS = ("split", "task", "index", "correct", "nll")
 REQUIRED_KEYS = (
     "method", "model", "data", "budget", "seed", "params_original", "params_deployed", "params_trainable",
     "params_ratio", "metrics", "wall_s", "git_sha", "status",
@@ -40,6 +51,28 @@ def write_summary(run_dir: str | Path, summary: dict) -> Path:
 
 def read_summary(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def write_items(run_dir: str | Path, records: list[dict]) -> Path:
+    """Write per-item records ({split, task, index, correct, nll}) to `run_dir`/items.jsonl.gz."""
+    for record in records[:1]:
+        if set(record) != set(ITEM_KEYS):
+            raise ValueError(f"an item record has keys {sorted(record)}; expected {list(ITEM_KEYS)}")
+    path = Path(run_dir) / ITEMS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps({key: record[key] for key in ITEM_KEYS}) + "\n")
+    return path
+
+
+def read_items(path: str | Path) -> list[dict]:
+    """The records of an items.jsonl.gz file (or of the one in a run directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ITEMS_FILE
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
 
 
 def _jsonable(value):

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from .callbacks import CompressionCallback
 from .core import save_compact
 from .distill import DistillSettings
-from .summary import git_sha, write_summary
+from .summary import ITEMS_FILE, git_sha, write_items, write_summary
 from .utils.run import CONF_DIR, build_run, flat_config, method_label, task_wrapper
 from .utils.tables import print_results_table
 
@@ -63,6 +63,7 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
         evaluate_dense_before=cfg.evaluate_dense_before,
         before_split="test" if cfg.test else "val",
         distill=DistillSettings(**(cfg.get("distill") or {})),
+        ckpt_path=cfg.get("ckpt_path"),
     )
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [compression] + [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -79,11 +80,14 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
         # zero_shot row (it did when that row relied on `max_steps: 0`). The method (and the head warm-up of a new
         # vision head) is still applied: the callback's `setup` runs for the evaluation below as it would for fit.
         log.info("finetune=false: evaluating %s without training", method_label(cfg))
-    metrics: dict[str, float] = {}
-    if cfg.test:
-        results = trainer.test(run.module, datamodule=run.datamodule, verbose=False)
-        metrics = {k: float(v) for k, v in (results[0] if results else {}).items() if k.startswith("test/")}
-    metrics.update(_validate(trainer, run))  # also with test=false: a learning-rate search needs val alone
+    # A palette method (jactus_palette) trained one model per budget: each is evaluated here, smallest first, so that
+    # the largest, active last, is the run's main model (its metrics, params_deployed).
+    members = method.palette_members()
+    palette = []
+    for budget, activate in members:
+        activate(run.module.model)
+        palette.append({"budget": budget, "metrics": _evaluate(cfg, trainer, run)})
+    metrics = palette[-1]["metrics"] if palette else _evaluate(cfg, trainer, run)
     if not compression.applied:  # finetune=false, test=false and no validation split: nothing ran at all
         raise ValueError("finetune=false with test=false and no validation split evaluates nothing: set test=true or "
                          "give the data a validation split (data.module.val_size / data.module.val_per_task)")
@@ -98,25 +102,56 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
         metrics=metrics,
         metrics_before=compression.metrics_before,
         compress_wall_s=compression.apply_wall_s,
+        resumed_from=cfg.get("ckpt_path"),
         compress_peak_mem_gb=compression.apply_peak_mem_gb,
         backbone_dtype=str(compression.backbone_dtype).replace("torch.", ""),
         export_dtype=str(next(deployed.parameters()).dtype).replace("torch.", ""),
         status="ok",
     )
     summary["params_ratio"] = summary["params_deployed"] / summary["params_original"]
+    for member, (budget, activate) in zip(palette, members, strict=True):
+        activate(run.module.model)
+        member_model = method.export(run.module.model).to(export_dtype(cfg.get("export_dtype"),
+                                                                       compression.backbone_dtype))
+        member["params_deployed"] = method.params_deployed(member_model)
+        member["params_ratio"] = member["params_deployed"] / summary["params_original"]
+        if cfg.save_compact and trainer.is_global_zero:
+            _save_compact(member_model, run_dir / "compact" / f"budget_{budget}", run)
+    if palette:
+        summary["palette"] = palette
     if compression.distill_summary:
         summary["distill"] = compression.distill_summary
     summary.update(method.summary())
+    items = _item_records(run.module, cfg.data.name)
+    if items:
+        summary["items"] = ITEMS_FILE
     summary["wall_s"] = time.perf_counter() - start
     if trainer.is_global_zero:
-        if cfg.save_compact:
-            save_compact(deployed, run_dir / "compact")
-            if run.loaded.tokenizer is not None:
-                run.loaded.tokenizer.save_pretrained(run_dir / "compact")
+        if items:
+            write_items(run_dir, items)
+        if cfg.save_compact and not palette:  # a palette's members went to compact/budget_<b> above
+            _save_compact(deployed, run_dir / "compact", run)
         write_summary(run_dir, summary)
         _log_to_loggers(trainer, summary)
         _print_before_after(summary)
     return summary
+
+
+def _evaluate(cfg: DictConfig, trainer: L.Trainer, run) -> dict[str, float]:
+    """`test/*` metrics (with `test`) and `val/*` metrics (when there is a validation split) of the model as it is."""
+    metrics: dict[str, float] = {}
+    run.module.item_results.clear()  # only the final evaluations' items (not the before-training ones) are written
+    if cfg.test:
+        results = trainer.test(run.module, datamodule=run.datamodule, verbose=False)
+        metrics = {k: float(v) for k, v in (results[0] if results else {}).items() if k.startswith("test/")}
+    metrics.update(_validate(trainer, run))  # also with test=false: a learning-rate search needs val alone
+    return metrics
+
+
+def _save_compact(deployed, path: Path, run) -> None:
+    save_compact(deployed, path)
+    if run.loaded.tokenizer is not None:
+        run.loaded.tokenizer.save_pretrained(path)
 
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -143,6 +178,14 @@ def _validate(trainer: L.Trainer, run) -> dict[str, float]:
         trainer.limit_val_batches = 1.0
     results = trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
     return {k: float(v) for k, v in (results[0] if results else {}).items() if k.startswith("val/")}
+
+
+def _item_records(module, data_name: str) -> list[dict]:
+    """The per-item results of the final test and validation evaluations (items.jsonl.gz; see jactus.summary)."""
+    records = []
+    for stage in ("test", "val"):
+        records += module.item_records(stage, default_task=data_name) or []
+    return records
 
 
 def _log_to_loggers(trainer: L.Trainer, summary: dict) -> None:

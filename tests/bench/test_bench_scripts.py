@@ -63,3 +63,12 @@ def test_run_all_report_from_records(tmp_path):
     assert summary["scale"] == "toy-scale"
     json.dumps(summary)
     assert "toy-scale" in run_all.report(summary)
+
+
+def test_qa_scoring_toy(tmp_path):
+    import qa_scoring
+
+    record = qa_scoring.main(["--scale", "toy", "--max-length", "64", "--out", str(tmp_path / "q.json")])
+    assert record["scale"] == "toy-scale" and record["setup"]["questions"] == 16
+    assert set(record["median_s"]) == {"full", "shared_prefix"} and record["speedup"] > 0
+    assert record["max_abs_score_diff"] < 1e-5 and record["same_predictions"]

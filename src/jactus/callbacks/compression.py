@@ -54,6 +54,7 @@ class CompressionCallback(Callback):
         calib_batches: int | None = None,
         before_split: str = "test",
         distill: DistillSettings | None = None,
+        ckpt_path: str | None = None,
     ):
         if head_warmup_steps < 0:
             raise ValueError(f"calib.head_warmup_steps={head_warmup_steps}: expected >= 0")
@@ -73,6 +74,10 @@ class CompressionCallback(Callback):
         self.apply_wall_s: float | None = None
         self.apply_peak_mem_gb: float | None = None
         self.backbone_dtype: torch.dtype | None = None
+        # The checkpoint a resumed run starts from. Lightning sets `trainer.ckpt_path` only after the `setup` hooks,
+        # so the caller passes it (jactus-train: `ckpt_path`); without it the method would be applied afresh.
+        self.ckpt_path = ckpt_path
+        self.resumed = False
         self.distill = distill or DistillSettings()
         self.distill_weight = self.distill.resolved_weight(method)  # a bad pairing fails before any loading
         self.teacher_cache: TeacherCache | None = None
@@ -86,8 +91,10 @@ class CompressionCallback(Callback):
         self.backbone_dtype = model_dtype(pl_module.model)
         check_precision(trainer.precision, self.backbone_dtype)
         self.params_original = count_params(pl_module.model)
-        if trainer.ckpt_path:
-            self._rebuild_from_checkpoint(trainer.ckpt_path, pl_module)
+        ckpt_path = self.ckpt_path or trainer.ckpt_path
+        if ckpt_path:
+            self._rebuild_from_checkpoint(ckpt_path, pl_module)
+            self.resumed = True
         else:
             self._apply(trainer, pl_module)
         upcast_trainable(pl_module.model)  # what trains is fp32, whatever the method left in the backbone's dtype
@@ -221,6 +228,6 @@ def _move(batches: Iterable, device: torch.device, rank: int, world_size: int) -
 
     Under DDP every rank sees a different shard; calibrate all-reduces the sums, so the statistics equal those of
     the whole set and every rank builds the same factorization."""
-    from ..lit.base import _to_device
+    from ..core.calibration import to_device
 
-    return [_to_device(batch, device) for index, batch in enumerate(batches) if index % world_size == rank]
+    return [to_device(batch, device) for index, batch in enumerate(batches) if index % world_size == rank]

@@ -5,6 +5,16 @@ rank j of layer l is kept), computed once per `plan_ranks` call (or given to it)
 
 Ranks move in units of `rank_multiple`; every factorized layer keeps at least one unit. A layer whose rank would reach
 `floor(m n / (m + n))` is kept dense (`None`): a low-rank pair would not be smaller.
+
+Nested plans (`nested=True`, METHOD.md section 11): the marginal-gain greedy runs once, at the largest budget, and
+records the steps it takes, in order (one unit of `rank_multiple` ranks, or a layer's switch to dense). A smaller
+budget replays that sequence under its own limit with the greedy's own rule (a step that does not fit retires its
+layer), so it keeps a subset of the largest plan's steps: every layer's rank at a smaller budget is at most its rank at
+a larger one, in the same units of `rank_multiple`, and a layer dense at a smaller budget is dense at every larger one
+(dense is a layer's last step). The converse does not hold: a layer dense at the largest budget may stay factorized at
+a smaller one (its dense step did not fit), at the rank its last taken unit step gave. The replay equals the
+independent greedy at the smaller budget unless a step the largest plan could not afford (so it is not in the
+sequence) would fit the smaller one; the nested plan then leaves that step out and stays within its budget.
 """
 
 from __future__ import annotations
@@ -131,6 +141,7 @@ def plan_ranks(
     targets: Sequence[str] | None = None,
     spectra: Mapping[str, torch.Tensor] | None = None,
     compute_dtype: str | torch.dtype = "auto",
+    nested: bool = False,
 ) -> RankPlan | list[RankPlan]:
     """Ranks meeting `budget` = deployed / original parameters (a list of budgets -> a list of plans).
 
@@ -140,6 +151,9 @@ def plan_ranks(
     `spectra`: precomputed `layer_spectra` (name -> singular values), e.g. gathered pass by pass by
     `compress_model`; its layers are the targets and `stats` is not read (may be None). Otherwise the spectra are
     computed from `stats` (decompositions in `compute_dtype`, see `Decompositions`).
+    `nested=True`: the plans of a list of budgets nest (module docstring): each smaller budget keeps a subset of the
+    largest budget's rank steps. The uniform and energy allocators nest by construction (their ranks grow with one
+    knob); for marginal_gain the smaller plans replay the largest plan's steps.
     """
     check_choice(allocator, ALLOCATORS, "allocator")
     check_choice(stats_mode, STATS_MODES, "stats_mode")
@@ -167,6 +181,9 @@ def plan_ranks(
     fixed = original - target_params  # parameters outside the targets, unchanged by the plan
 
     smallest = fixed + sum(layer.cost(layer.snap(rank_multiple, rank_multiple)) for layer in layers)
+    steps = None  # the largest budget's greedy steps, replayed by the smaller budgets of a nested marginal-gain plan
+    if nested and energy is None and allocator == "marginal_gain":
+        steps = _marginal_gain_steps(layers, fixed, max(float(v) for v in budgets) * original, rank_multiple)
     plans = []
     for value in budgets:
         if energy is not None:
@@ -177,7 +194,10 @@ def plan_ranks(
                 raise ValueError(f"budget={value} is not achievable: with scope={scope!r} the retained fraction "
                                  f"ranges over [{smallest / original:.4f}, 1.0] (every target at rank "
                                  f"{rank_multiple}, or dense where that would not save)")
-            ranks = _ALLOCATE[allocator](layers, fixed, limit, rank_multiple)
+            if steps is not None:
+                ranks = _replay(layers, fixed, limit, rank_multiple, steps)
+            else:
+                ranks = _ALLOCATE[allocator](layers, fixed, limit, rank_multiple)
         deployed = fixed + sum(layer.cost(ranks[layer.name]) for layer in layers)
         plans.append(RankPlan(ranks=ranks, params_original=original, params_deployed=deployed,
                               ratio=deployed / original, budget=None if value is None else float(value),
@@ -187,16 +207,28 @@ def plan_ranks(
 
 
 def _marginal_gain(layers: list[_Layer], fixed: int, limit: float, multiple: int) -> dict[str, int | None]:
-    """Greedy by gain per deployed parameter, one unit of `multiple` ranks at a time.
+    """Greedy by gain per deployed parameter, one unit of `multiple` ranks at a time (`_marginal_gain_steps`)."""
+    return _replay(layers, fixed, limit, multiple, _marginal_gain_steps(layers, fixed, limit, multiple))
+
+
+def _initial_ranks(layers: list[_Layer], multiple: int) -> dict[str, int | None]:
+    return {layer.name: layer.snap(multiple, multiple) for layer in layers}
+
+
+def _marginal_gain_steps(layers: list[_Layer], fixed: int, limit: float,
+                         multiple: int) -> list[tuple[int, int, int | None]]:
+    """The steps `(layer index, cost, new rank or None = dense)` the greedy takes, in the order it takes them.
 
     Within a layer the unit gains (sums of `s^2`) do not increase and the unit cost `multiple * (m + n)` is fixed,
     so this is a global sort of unit gains per cost; the last step of a layer is the switch to dense (gain: all the
-    remaining energy, cost: `m n - (m + n) r`). A step that does not fit retires its layer (it never fits later:
-    the remaining budget only shrinks), so the plan ends within one step of the budget.
+    remaining energy, cost: `m n - (m + n) r`), which is where the greedy is no longer a plain global sort. A step
+    that does not fit retires its layer (it never fits later: the remaining budget only shrinks), so the plan ends
+    within one step of the budget.
     """
-    ranks = {layer.name: layer.snap(multiple, multiple) for layer in layers}
+    ranks = _initial_ranks(layers, multiple)
     deployed = fixed + sum(layer.cost(ranks[layer.name]) for layer in layers)
     heap: list[tuple[float, int, int, int | None]] = []
+    steps: list[tuple[int, int, int | None]] = []
 
     def push(index: int) -> None:
         layer = layers[index]
@@ -216,7 +248,26 @@ def _marginal_gain(layers: list[_Layer], fixed: int, limit: float, multiple: int
             continue
         ranks[layers[index].name] = step
         deployed += cost
+        steps.append((index, cost, step))
         push(index)
+    return steps
+
+
+def _replay(layers: list[_Layer], fixed: int, limit: float, multiple: int,
+            steps: list[tuple[int, int, int | None]]) -> dict[str, int | None]:
+    """The ranks after taking `steps` in order under `limit`: a step that does not fit retires its layer (the
+    greedy's rule), so a layer's steps are taken as a prefix of its own."""
+    ranks = _initial_ranks(layers, multiple)
+    deployed = fixed + sum(layer.cost(ranks[layer.name]) for layer in layers)
+    retired: set[int] = set()
+    for index, cost, step in steps:
+        if index in retired:
+            continue
+        if deployed + cost > limit:
+            retired.add(index)
+            continue
+        ranks[layers[index].name] = step
+        deployed += cost
     return ranks
 
 

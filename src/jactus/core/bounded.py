@@ -39,7 +39,6 @@ from torch import nn
 from .allocation import ALLOCATORS, SCOPES, RankPlan, plan_ranks
 from .calibration import (
     LossFn,
-    _to_device,
     broadcast,
     calibrate,
     check_every_rank_has_batches,
@@ -48,6 +47,7 @@ from .calibration import (
     input_groups,
     split_passes,
     stats_bytes,
+    to_device,
 )
 from .decompositions import Decompositions
 from .factorize import build_layers, install_layers
@@ -152,6 +152,7 @@ def compress_model(
     progress: bool = True,
     loss_normalizer: Callable[[Any], float] | None = None,
     build_layer: LayerBuilder | None = None,
+    nested: bool = False,
 ) -> tuple[nn.Module, RankPlan] | list[tuple[nn.Module, RankPlan]]:
     """Compress `model` to `budget` in bounded memory (module docstring) -> `(model, plan)`, the model changed in
     place with the freeze policy of `factorize(freeze=True)`.
@@ -173,6 +174,12 @@ def compress_model(
     decompositions, name, linear, rank)` replaces the default `FactorizedLinear` builder (`factorize`'s layer) by
     another compressed layer built from the same decompositions (TuneComp's two-branch layer); the built layers are
     swapped in with the freeze policy `train_cores`, which a method with other trainables then overrides.
+
+    `nested=True` (palette fine-tuning, METHOD.md section 11) with a list of budgets: the plans nest
+    (`plan_ranks(nested=True)`) and one model serves them all: each target that some budget factorizes is built once,
+    at the largest rank any budget gives it, and swapped in (no copies of the dense model); every pair returned
+    holds that one model. The default builder then uses nested bases (`union_subspace(nested=True)`), whose
+    truncations give the smaller ranks' factorizations.
     """
     single = not isinstance(budget, (list, tuple))
     budgets = [budget] if single else list(budget)
@@ -235,12 +242,14 @@ def compress_model(
     with clock("plan"):
         plans = plan_ranks(model, None, budgets if budgets != [None] else None, allocator=allocator, scope=scope,
                            rank_multiple=rank_multiple, stats_mode=stats_mode, damping=damping, energy=energy,
-                           spectra={name: spectra[name] for name in modules})
+                           spectra={name: spectra[name] for name in modules}, nested=nested)
         plans = plans if isinstance(plans, list) else [plans]
         if distributed():  # rank 0 decides: a floating-point tie broken differently must not change a layer's shape
             plans = [RankPlan.from_dict(entry) for entry in broadcast_object([plan.to_dict() for plan in plans])]
+    # nested: one model, each layer at the largest rank any plan gives it (None: dense in every plan)
+    rank_maps = [nested_rank_map(plans)] if nested else [plan.ranks for plan in plans]
 
-    built: list[dict[str, nn.Module]] = [{} for _ in plans]
+    built: list[dict[str, nn.Module]] = [{} for _ in rank_maps]
     bar = progress_bar(total=len(modules), desc="compress 2/2 (factorize)", disable=not progress)
     for step, index in enumerate([len(passes) - 1, *range(len(passes) - 1)]):
         bar.set_postfix_str(f"pass {step + 1}/{len(passes)}")
@@ -256,10 +265,11 @@ def compress_model(
 
         with clock("phase2_factorize"):
             linears = {name: modules[name] for group in passes[index] for name in group}
-            for layers, new in zip(built, build_layers(decompositions, linears, [plan.ranks for plan in plans], rho,
+            for layers, new in zip(built, build_layers(decompositions, linears, rank_maps, rho,
                                                        weight_basis, release=done,
                                                        park_on_cpu=offload_to_cpu or park_layers_on_cpu,
-                                                       progress=False, builder=build_layer), strict=True):
+                                                       progress=False, builder=build_layer, nested=nested),
+                                  strict=True):
                 if distributed():  # identical values on every rank, whatever floating point did per rank
                     for layer in new.values():
                         for tensor in itertools.chain(layer.parameters(), layer.buffers()):
@@ -272,12 +282,13 @@ def compress_model(
     modules.clear()  # the dense linears go as soon as their replacements are in
     results = []
     with clock("swap"):
-        for index, (plan, layers) in enumerate(zip(plans, built, strict=True)):
-            target = model if index == len(plans) - 1 else copy.deepcopy(model)
-            install_layers(target, layers, plan.ranks, freeze=True, keep_trainable=("norm", "bias"),
+        for index, (ranks, layers) in enumerate(zip(rank_maps, built, strict=True)):
+            target = model if index == len(rank_maps) - 1 else copy.deepcopy(model)
+            install_layers(target, layers, ranks, freeze=True, keep_trainable=("norm", "bias"),
                            head_names=head_names)
-            results.append((target, plan))
+            results.append(target)
             layers.clear()
+    results = [(results[0], plan) for plan in plans] if nested else list(zip(results, plans, strict=True))
     info = {"passes": len(passes), "pass_stats_bytes": pass_bytes, "max_stats_bytes": max_stats_bytes,
             "peak_stats_bytes": peak_stats_bytes, "stats_dtype": str(stats_dtype).replace("torch.", ""),
             "stages_s": {stage: round(seconds, 4) for stage, seconds in clock.seconds.items()},
@@ -285,6 +296,15 @@ def compress_model(
     for target, _ in results:
         target.jactus_compress_stats = info
     return results[0] if single else results
+
+
+def nested_rank_map(plans: Sequence[RankPlan]) -> dict[str, int | None]:
+    """Per layer, the largest rank any of `plans` factorizes it at; None where every plan keeps it dense."""
+    ranks: dict[str, int | None] = {}
+    for name in plans[0].ranks:
+        factorized = [plan.ranks[name] for plan in plans if plan.ranks[name] is not None]
+        ranks[name] = max(factorized) if factorized else None
+    return ranks
 
 
 def _input_groups(model: nn.Module, modules: Mapping[str, nn.Linear], batches: Iterable, loss_fn: LossFn,
@@ -295,7 +315,7 @@ def _input_groups(model: nn.Module, modules: Mapping[str, nn.Linear], batches: I
     was_training = model.training
     model.eval()
     try:
-        return input_groups(model, modules, _to_device(first, device), loss_fn)
+        return input_groups(model, modules, to_device(first, device), loss_fn)
     finally:
         model.train(was_training)
 

@@ -156,7 +156,7 @@ def calibrate(
         param.requires_grad_(False)
     try:
         if groups is None:
-            groups = input_groups(model, modules, _to_device(first, device), loss_fn)
+            groups = input_groups(model, modules, to_device(first, device), loss_fn)
         groups = _check_groups(groups, modules)
         layers = _calibration_pass(
             model, modules, groups, itertools.chain([first], iterator), loss_fn, device=device,
@@ -199,13 +199,14 @@ def _check_groups(groups: Sequence[Sequence[str]], modules: Mapping[str, nn.Line
     return groups
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch (tensor, mapping, list, tuple, named tuple; other values as they are) on `device`."""
     if torch.is_tensor(batch):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
-        return {key: _to_device(value, device) for key, value in batch.items()}
+        return {key: to_device(value, device) for key, value in batch.items()}
     if isinstance(batch, (list, tuple)):
-        moved = [_to_device(v, device) for v in batch]
+        moved = [to_device(v, device) for v in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     return batch
 
@@ -371,7 +372,7 @@ def _calibration_pass(model, modules, groups, batches, loss_fn, *, device, stats
     try:
 
         for step, batch in enumerate(progress_bar(batches, desc=desc, total=total, disable=not progress, leave=False)):
-            batch = _to_device(batch, device)
+            batch = to_device(batch, device)
             mask = batch.get(mask_key) if isinstance(batch, Mapping) else None
             state["mask"] = None if mask is None else mask.bool()
             state["mask_count"] = None if mask is None else int(state["mask"].sum())  # one sync per batch
@@ -462,7 +463,7 @@ def warmup_head(model: nn.Module, head_params: Iterable[nn.Parameter], batches: 
                 batch = next(iterator, None)
                 if batch is None:
                     break
-            loss = loss_fn(model, _to_device(batch, device))
+            loss = loss_fn(model, to_device(batch, device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             average_gradients(params)

@@ -94,14 +94,16 @@ class Decompositions:
         return self._checked(name, weight, compute).to("cpu", torch.float64)
 
     def factorize_layer(self, name: str, weight: torch.Tensor, rank: int, rho: float = 0.25,
-                        weight_basis: str = "whitened") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(U, C, V)` of the layer at `rank` (`subspace.factorize_layer`), in the dtype it was computed in."""
+                        weight_basis: str = "whitened",
+                        nested: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(U, C, V)` of the layer at `rank` (`subspace.factorize_layer`, with `nested` bases for a palette), in
+        the dtype it was computed in."""
         def compute(dtype: torch.dtype):
             svd = self._svds.get(name)
             if svd is not None and svd.values.dtype != dtype:
                 svd = None
             return factorize_layer(weight, self.metric(name, weight, dtype), rank, rho, weight_basis, name, svd,
-                                   self.eig_method)
+                                   self.eig_method, nested)
 
         return self._checked(name, weight, compute)
 

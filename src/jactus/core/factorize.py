@@ -77,13 +77,15 @@ def build_layers(
     progress: bool = True,
     desc: str = "factorize",
     builder: Callable[[Decompositions, str, nn.Linear, int], nn.Module] | None = None,
+    nested: bool = False,
 ) -> list[dict[str, nn.Module]]:
     """The `FactorizedLinear` of each linear with an int rank, for each rank map (one decomposition per layer serves
     them all); the model is not changed. Goes one shared-input group at a time, releasing the group's decompositions
     (and calling `release(group)`) after it. `park_on_cpu`: build layers are moved to the CPU until they are used.
     The factors take the weight's dtype; the core and bias, which train, at least fp32 (`core.precision`).
     `builder(decompositions, name, linear, rank)`, when given, builds each layer instead (another compressed layer
-    from the same decompositions, e.g. TuneComp's two-branch layer).
+    from the same decompositions, e.g. TuneComp's two-branch layer). `nested`: the default layers get nested bases
+    (`union_subspace(nested=True)`: truncating them gives every smaller rank's factorization, METHOD.md section 11).
     """
     check_choice(weight_basis, WEIGHT_BASES, "weight_basis")
     built: list[dict[str, FactorizedLinear]] = [{} for _ in rank_maps]
@@ -99,7 +101,8 @@ def build_layers(
                     if builder is not None:
                         layer = builder(decompositions, name, linear, ranks[name])
                     else:
-                        layer = _factorized_layer(decompositions, name, linear, ranks[name], rho, weight_basis)
+                        layer = _factorized_layer(decompositions, name, linear, ranks[name], rho, weight_basis,
+                                                  nested)
                 layers[name] = layer.to("cpu") if park_on_cpu else layer
             bar.update()
         decompositions.release(group)
@@ -110,8 +113,8 @@ def build_layers(
 
 
 def _factorized_layer(decompositions: Decompositions, name: str, linear: nn.Linear, rank: int, rho: float,
-                      weight_basis: str) -> FactorizedLinear:
-    U, core, V = decompositions.factorize_layer(name, linear.weight, rank, rho, weight_basis)
+                      weight_basis: str, nested: bool = False) -> FactorizedLinear:
+    U, core, V = decompositions.factorize_layer(name, linear.weight, rank, rho, weight_basis, nested)
     dtype = linear.weight.dtype
     bias = None if linear.bias is None else linear.bias.detach().to(trainable_dtype(dtype), copy=True)
     return FactorizedLinear(U.to(dtype), core.to(trainable_dtype(dtype)), V.to(dtype), bias)

@@ -232,13 +232,21 @@ def task_directions(rank: int, rho: float) -> int:
 
 def union_subspace(weight: torch.Tensor, metric: Metric, rank: int, rho: float = 0.25,
                    weight_basis: str = "whitened", layer: str = "?", svd: WhitenedSVD | None = None,
-                   eig_method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                   eig_method: str = "auto", nested: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal bases `U` (m x r) and `V` (n x r) of the task-aware union (METHOD.md section 2).
 
     Weight directions: top singular vectors of the whitened weight mapped back (or of `W` for `plain`); `svd` is a
     precomputed `whitened_svd` with vectors. Task directions: top-b eigenvectors of Sg (output side) and Sx (input
     side), by `eig_method` (`top_eigenvectors`); a side without statistics takes weight directions only. Dependent
     directions are replaced by the next weight directions, so each basis has `rank` columns.
+
+    `nested=True` (palette fine-tuning, METHOD.md section 11): the bases of every smaller rank are the first columns.
+    The candidates interleave the two kinds so that each prefix of length j holds `j - b(j)` weight and `b(j)` task
+    directions (`b = task_directions`): the set the union at rank j is built from. The columns are orthogonal in
+    each side's metric (`U^T Sg U` and `V^T Sx V` diagonal, Gram-Schmidt in the whitened space) and of unit
+    Euclidean norm, instead of orthonormal: then the projected core of the first j columns is the leading j x j block
+    of the projected core at rank `rank`, so truncating `U C V^T` gives the rank-j factorization exactly (its
+    product; the basis differs from the orthonormal one by an invertible j x j map).
     """
     check_choice(weight_basis, WEIGHT_BASES, "weight_basis")
     m, n = weight.shape
@@ -253,8 +261,23 @@ def union_subspace(weight: torch.Tensor, metric: Metric, rank: int, rho: float =
     def union(weight_dirs: torch.Tensor, side: CovarianceSide | None) -> torch.Tensor:
         count = b if side is not None else 0
         task = side.top_eigenvectors(count, eig_method) if count else weight_dirs[:, :0]
-        a = rank - count
-        return orthonormal_union(torch.cat([weight_dirs[:, :a], task, weight_dirs[:, a:]], dim=1), rank)
+        if not nested:
+            a = rank - count
+            return orthonormal_union(torch.cat([weight_dirs[:, :a], task, weight_dirs[:, a:]], dim=1), rank)
+        order, used_weight, used_task = [], 0, 0
+        for j in range(1, rank + 1):
+            if side is not None and task_directions(j, rho) > used_task:
+                order.append(task[:, used_task])
+                used_task += 1
+            else:
+                order.append(weight_dirs[:, used_weight])
+                used_weight += 1
+        candidates = torch.cat([torch.stack(order, dim=1), weight_dirs[:, used_weight:]], dim=1)
+        if side is None:
+            return orthonormal_union(candidates, rank)
+        whitened = orthonormal_union(side.factor.T @ candidates, rank)
+        basis = _unwhiten(whitened, side.factor)
+        return basis / basis.norm(dim=0)
 
     return union(left, metric.grad), union(right, metric.input)
 
@@ -279,9 +302,10 @@ def projected_core(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, metri
 
 def factorize_layer(weight: torch.Tensor, metric: Metric, rank: int, rho: float = 0.25,
                     weight_basis: str = "whitened", layer: str = "?", svd: WhitenedSVD | None = None,
-                    eig_method: str = "auto"):
-    """`(U, C, V)` in the metric's dtype with `U C V^T` the JACTUS approximation of `weight` at `rank`."""
-    U, V = union_subspace(weight, metric, rank, rho, weight_basis, layer, svd, eig_method)
+                    eig_method: str = "auto", nested: bool = False):
+    """`(U, C, V)` in the metric's dtype with `U C V^T` the JACTUS approximation of `weight` at `rank`; `nested`:
+    the bases whose truncations give every smaller rank's approximation (`union_subspace`)."""
+    U, V = union_subspace(weight, metric, rank, rho, weight_basis, layer, svd, eig_method, nested)
     core = projected_core(weight, U, V, metric)
     check_finite(core, "projected core", layer)
     return U, core, V

@@ -244,6 +244,7 @@ class EncodedQA:
     choice_ids: list[list[int]]
     gold: int
     task_idx: int
+    item_idx: int = -1  # index among its task's items of the split (with the task, the item's id in items.jsonl.gz)
 
 
 def _fit(prompt: list[int], answer: list[int], max_length: int) -> list[int]:
@@ -282,7 +283,8 @@ class TrainCollator(_Collator):
 
 
 class EvalCollator(_Collator):
-    """One row per choice of every question; `choice_owner` maps rows to questions."""
+    """One row per choice of every question; `choice_owner` maps rows to questions; `item_idx` is each question's
+    index among its task's items of the split."""
 
     def __call__(self, items: list[EncodedQA]) -> dict[str, torch.Tensor]:
         rows, owner = [], []
@@ -294,22 +296,25 @@ class EvalCollator(_Collator):
         batch["choice_owner"] = torch.tensor(owner, dtype=torch.long)
         batch["gold"] = torch.tensor([item.gold for item in items], dtype=torch.long)
         batch["task_idx"] = torch.tensor([item.task_idx for item in items], dtype=torch.long)
+        batch["item_idx"] = torch.tensor([item.item_idx for item in items], dtype=torch.long)
         return batch
 
 
 def encode_items(items: Sequence[QAItem], tokenizer, task_names: Sequence[str]) -> list[EncodedQA]:
-    """Tokenise prompts (with the tokenizer's special tokens) and continuations (without) in bulk."""
+    """Tokenise prompts (with the tokenizer's special tokens) and continuations (without) in bulk; `item_idx` counts
+    each task's items in order (the split lists a task's items in a seeded order, so the id is stable per seed)."""
     if not items:
         return []
     prompts = tokenizer([item.prompt for item in items])["input_ids"]
     flat = [choice for item in items for choice in item.choices]
     choice_ids = tokenizer(flat, add_special_tokens=False)["input_ids"]
-    encoded, cursor = [], 0
+    encoded, cursor, seen = [], 0, {}
     for item, prompt in zip(items, prompts, strict=True):
         choices = choice_ids[cursor: cursor + len(item.choices)]
         cursor += len(item.choices)
         if any(len(choice) == 0 for choice in choices):
             raise ValueError(f"{item.task}: a choice encodes to no tokens: {item.choices}")
         task_idx = task_names.index(item.task) if item.task in task_names else 0
-        encoded.append(EncodedQA(list(prompt), [list(c) for c in choices], item.gold, task_idx))
+        seen[item.task] = seen.get(item.task, -1) + 1
+        encoded.append(EncodedQA(list(prompt), [list(c) for c in choices], item.gold, task_idx, seen[item.task]))
     return encoded

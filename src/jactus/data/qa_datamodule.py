@@ -38,9 +38,9 @@ class QADataModule(L.LightningDataModule):
     Training batches: {"input_ids", "attention_mask", "labels"} [B, L], right padded; labels are -100 except the
     answer tokens and eos; a too-long prompt is cut from the left, never the answer.
     Eval batches (val/test): {"input_ids" [N, L], "attention_mask", "labels" [N, L] (-100 except the choice's
-    tokens), "choice_owner" [N] (row of the question in this batch), "gold" [B], "task_idx" [B]}, N = all choices
-    of the B questions. Calibration: training batches over the first `calib_num_samples` items of a seeded shuffle of the
-    training split.
+    tokens), "choice_owner" [N] (row of the question in this batch), "gold" [B], "task_idx" [B], "item_idx" [B]
+    (index among the task's items of the split)}, N = all choices of the B questions. Calibration: training
+    batches over the first `calib_num_samples` items of a seeded shuffle of the training split.
     """
 
     family = "qa"

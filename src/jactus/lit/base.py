@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.calibration import to_device
+
 
 class TaskModule(L.LightningModule):
     """Wraps a backbone `self.model`; subclasses define the loss and how a batch is scored.
@@ -119,17 +121,24 @@ class TaskModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- evaluation ------------------------------------------------------------------------------------------
+    # Each evaluation also keeps its per-item results (`item_results[stage]`, written as items.jsonl.gz next to
+    # summary.json): what a paired bootstrap over items needs (jactus-report --gaps).
     def on_validation_epoch_start(self):
-        self._counts = self._new_counts()
+        self._counts, self._items = self._new_counts(), []
 
     def on_test_epoch_start(self):
-        self._counts = self._new_counts()
+        self._counts, self._items = self._new_counts(), []
 
     def validation_step(self, batch, batch_idx):
-        self._accumulate(self._counts, self.score_batch(batch))
+        self._score(batch)
 
     def test_step(self, batch, batch_idx):
-        self._accumulate(self._counts, self.score_batch(batch))
+        self._score(batch)
+
+    def _score(self, batch) -> None:
+        scored = self.score_batch(batch)
+        self._accumulate(self._counts, scored)
+        self._keep_items(self._items, scored)
 
     def on_validation_epoch_end(self):
         self._log_accuracy("val")
@@ -138,16 +147,39 @@ class TaskModule(L.LightningModule):
         self._log_accuracy("test")
 
     def _log_accuracy(self, stage: str) -> None:
-        counts = self._counts
+        counts, items = self._counts, self._items
         if self.trainer.world_size > 1:
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+            items = _gather_items(items)
+        self.item_results[stage] = _stack_items(items)
         for key, value in self.metrics_from_counts(counts, stage).items():
             self.log(key, value, sync_dist=False, prog_bar=key == f"{stage}/acc")
+
+    @property
+    def item_results(self) -> dict[str, dict[str, torch.Tensor] | None]:
+        """stage -> {"task_idx", "item_idx", "correct", "nll"} ([items] each, CPU) of the last evaluation of that
+        stage; None where items carry no ids and several processes evaluated (the positions would collide)."""
+        if "_item_results" not in self.__dict__:
+            self._item_results = {}
+        return self._item_results
+
+    def item_records(self, stage: str, default_task: str = "") -> list[dict] | None:
+        """The per-item results of `stage` as items.jsonl.gz records (see `jactus.summary.write_items`); task names
+        from `task_names` (`default_task` for single-task data)."""
+        results = self.item_results.get(stage)
+        if results is None:
+            return None
+        names = self.task_names if len(self.task_names) > 1 else [self.task_names[0] if self.task_names else
+                                                                  default_task]
+        return [{"split": stage, "task": names[task], "index": index, "correct": bool(correct), "nll": float(nll)}
+                for task, index, correct, nll in zip(results["task_idx"].tolist(), results["item_idx"].tolist(),
+                                                     results["correct"].tolist(), results["nll"].tolist(), strict=True)]
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable, device: torch.device | str | None = None, stage: str = "test",
                  progress: bool = True) -> dict:
-        """Accuracy of the current model over `batches` outside any trainer (before/after-compression figures).
+        """Accuracy of the current model over `batches` outside any trainer (before/after-compression figures); the
+        per-item results go to `item_results[stage]`.
 
         A half-precision backbone with fp32 trainables runs under autocast in its dtype, as `bf16-mixed` trains it."""
         from ..core.precision import HALF_DTYPES, model_dtype
@@ -157,12 +189,28 @@ class TaskModule(L.LightningModule):
         autocast = torch.autocast(device.type, dtype=dtype) if dtype in HALF_DTYPES else contextlib.nullcontext()
         was_training = self.model.training
         self.model.eval()
-        counts = self._new_counts(device)
+        counts, items = self._new_counts(device), []
         with autocast:
             for batch in tqdm(batches, desc=f"evaluate ({stage})", leave=False, disable=not progress):
-                self._accumulate(counts, self.score_batch(_to_device(batch, device)))
+                scored = self.score_batch(to_device(batch, device))
+                self._accumulate(counts, scored)
+                self._keep_items(items, scored)
         self.model.train(was_training)
+        self.item_results[stage] = _stack_items(items)
         return self.metrics_from_counts(counts, stage)
+
+    @staticmethod
+    def _keep_items(items: list[dict], scored: dict[str, torch.Tensor]) -> None:
+        """Append a batch's per-item results; without `item_idx` in `scored` an item's id is its position in the
+        evaluation order (an unshuffled loader: the index in the split)."""
+        kept = {key: scored[key].detach().cpu() for key in ("task_idx", "correct", "nll")}
+        if "item_idx" in scored:
+            kept["item_idx"] = scored["item_idx"].detach().cpu()
+        else:
+            start = sum(len(batch["correct"]) for batch in items)
+            kept["item_idx"] = torch.arange(start, start + len(kept["correct"]))
+            kept["positional"] = True
+        items.append(kept)
 
     def _new_counts(self, device=None) -> torch.Tensor:
         """Row t: [correct, total, summed nll] for task t (one row for single-task data)."""
@@ -198,9 +246,21 @@ class TaskModule(L.LightningModule):
         return int(first.shape[0])
 
 
-def _to_device(batch, device):
-    if isinstance(batch, dict):
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(v.to(device) if torch.is_tensor(v) else v for v in batch)
-    return batch.to(device)
+def _stack_items(items: list[dict]) -> dict[str, torch.Tensor] | None:
+    if any(batch is None for batch in items):
+        return None
+    keys = ("task_idx", "item_idx", "correct", "nll")
+    if not items:
+        return {key: torch.zeros(0) for key in keys}
+    return {key: torch.cat([batch[key].reshape(-1) for batch in items]) for key in keys}
+
+
+def _gather_items(items: list[dict]) -> list[dict | None]:
+    """Every process's per-item results (positional ids from several processes would collide: None then)."""
+    import torch.distributed as dist
+
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    everything = [batch for part in gathered for batch in part]
+    return [None] if any(batch.get("positional") for batch in everything) else everything
+

@@ -138,6 +138,12 @@ class Method:
         """Method-specific figures for summary.json (rank statistics, compression time, memory)."""
         return {}
 
+    def palette_members(self) -> list[tuple[float, Callable[[nn.Module], None]]]:
+        """A method that trains a palette of compact models in one run (jactus_palette): `(budget, activate)` per
+        member, smallest budget first, where `activate(model)` makes `model` compute that member and `export` return
+        it; jactus-train evaluates and exports each. [] for a method with one deployed model."""
+        return []
+
 
 REGISTRY: dict[str, type[Method]] = {}
 

@@ -116,7 +116,8 @@ class Jactus(LowRankMethod):
         self.sparse_index_bytes = sparse_index_bytes(layer.sparse for layer in layers.values())
         train_cores(model, self.head_names)  # the values train with the cores
 
-    def _compress(self, ctx: MethodContext, budget: float):
+    def _compress(self, ctx: MethodContext, budget: float | list[float], **options):
+        """The one compression driver with this method's options (`options`: further `compress_model` keywords)."""
         return compress_model(
             ctx.model,
             ctx.calibration_batches,
@@ -134,6 +135,7 @@ class Jactus(LowRankMethod):
             head_names=ctx.head_names,
             device=ctx.device,
             **self.calib.driver_kwargs(),
+            **options,
         )
 
     def structure(self) -> dict | None:

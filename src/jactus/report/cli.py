@@ -19,7 +19,17 @@ Writes to `--out` (default: the first sweep dir):
                       is missing), "± s" where at least two seeds pair up: the sample std of the per-seed differences
                       (a seed fixes the data split, so pairing removes the split's share of the noise); gaps.csv
                       holds the same in long format. A label that is not a row of a table fails
-                      with a message listing that table's rows.
+                      with a message listing that table's rows. Where the runs wrote per-item results
+                      (items.jsonl.gz next to summary.json; jactus.summary), each gap also gets "[low, high] (n=N x S)":
+                      a paired bootstrap interval (`--level`, default 95%; `--resamples`, default 1000; seeded) over
+                      items and seeds -- the same items of the same seed under both methods, items resampled within
+                      each task, seeds resampled, the average's interval resampling the items of every task -- with
+                      N paired items per seed and S seeds; gaps.csv adds ci_low, ci_high, ci_gap (the paired gap the
+                      interval is about), ci_seeds, ci_items. Runs without per-item results (older runs) are listed
+                      under the gaps and take no part; no interval is invented for them.
+  items               for --metric <split>/acc or <split>/nll: under each table, the items each cell holds ("150 x
+                      3": items per seed x seeds; "?" where a run has no items file), or a note that no run of the
+                      table has per-item results.
 
 `--split-by KEY` (repeatable) splits each method's row by a run value, e.g. `--split-by lr --metric val/acc` for a
 learning-rate search: rows "lora (lr=0.001)". KEY is a summary.json key (dotted for nested ones) or, where the
@@ -38,12 +48,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..summary import ITEMS_FILE
 from .gaps import (  # noqa: F401
     GapsError,
     GapTable,
     build_gaps,
     parse_gaps,
 )
+from .items import counts_markdown
 from .load import (  # noqa: F401
     AVERAGE,
     FAILED,
@@ -76,11 +88,12 @@ class Report:
 
 
 def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: list[str] = (),
-                 split_by: list[str] = ()) -> Report:
+                 split_by: list[str] = (), resamples: int = 1000, level: float = 0.95) -> Report:
     """Read the summaries under `dirs` and write report.md, results.csv and the plots to `out`.
 
     `gaps`: "REF:OTHER[,OTHER...]" specs (see the module docstring); they also write gaps.csv. `split_by`: keys whose
     values split a method's row (e.g. ["lr"] for a learning-rate search), labels like "lora (lr=0.001)".
+    `resamples`, `level`: the gaps' paired bootstrap (where the runs wrote per-item results).
     """
     specs = [parse_gaps(spec) for spec in gaps]
     summaries, unreadable = load_summaries(dirs)
@@ -90,7 +103,7 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
         summary["_split"] = split_values(summary, list(split_by))
     frame = results_frame(summaries, metric)
     tables = build_tables(frame, digits)
-    gap_tables = [build_gaps(table, specs) for table in tables] if specs else []
+    gap_tables = [build_gaps(table, specs, resamples, level) for table in tables] if specs else []
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"csv": out / "results.csv", "acc_vs_params": plot_acc_vs_params(tables, out / "acc_vs_params.png", metric)}
@@ -112,11 +125,18 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
              f"({'lowest' if lower_is_better(metric) else 'highest'}). {RATIO}: mean params_deployed / "
              f"params_original. {AVERAGE}: per seed over the row's columns, over the seeds that have every column.", ""]
     for index, table in enumerate(tables):
-        lines += [f"## {table.title}", "", table.to_markdown(), ""]
+        lines += [f"## {table.title}", "", table.to_markdown(), "", *_items_section(table)]
         if gap_tables:
+            gap_table = gap_tables[index]
             lines += ["### Gaps", "", f"Mean of Ref minus mean of Other (± sample std of the per-seed differences "
-                      f"where two or more seeds pair); {MISSING} where either is missing.", "",
-                      gap_tables[index].to_markdown(), ""]
+                      f"where two or more seeds pair); {MISSING} where either is missing. [low, high] (n=N x S): "
+                      f"{100 * level:g}% paired bootstrap interval ({resamples} resamples of items within each task "
+                      f"and of seeds; the average resamples the items of every task) over N paired items per seed "
+                      f"and S seeds, from the runs' per-item results; none where they are missing.", "",
+                      gap_table.to_markdown(), ""]
+            if gap_table.without_items:
+                lines += [f"No per-item results ({ITEMS_FILE}) for: {', '.join(gap_table.without_items)}; these "
+                          f"runs take no part in the intervals.", ""]
     lines += ["## Plots", "", "![accuracy vs retained parameters](acc_vs_params.png)", ""]
     if heatmap is not None:
         lines += ["![rank allocation per layer](rank_heatmap.png)", ""]
@@ -127,6 +147,13 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
     files["report"] = out / "report.md"
     files["report"].write_text("\n".join(lines))
     return Report(summaries, frame, tables, files, gap_tables)
+
+
+def _items_section(table: ResultTable) -> list[str]:
+    counts = counts_markdown(table)
+    if counts is None:
+        return [f"Items per cell: unknown (no run of this table wrote per-item results, {ITEMS_FILE}).", ""]
+    return ["Items per cell (items per seed x seeds; ? where a run has no per-item results):", "", counts, ""]
 
 
 def wants_wandb(summaries: list[dict]) -> bool:
@@ -166,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gaps", action="append", default=[], metavar="REF:OTHER[,OTHER...]",
                         help="per table, REF's mean minus each OTHER's per column (row labels, e.g. "
                              "jactus@0.8:lora,dora); repeatable")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the gaps' intervals")
+    parser.add_argument("--level", type=float, default=0.95, help="coverage of the gaps' bootstrap intervals")
     parser.add_argument("--split-by", action="append", default=[], metavar="KEY",
                         help="split rows by this run value (summary.json key or .hydra/config.yaml dotted path, e.g. "
                              "lr or optim.lr); repeatable")
@@ -174,14 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = write_report(args.sweep_dirs, args.out or args.sweep_dirs[0], args.metric, args.digits, args.gaps,
-                              args.split_by)
+                              args.split_by, args.resamples, args.level)
     except (FileNotFoundError, GapsError) as err:
         print(f"jactus-report: {err}", file=sys.stderr)
         return 1
     for index, table in enumerate(report.tables):
         print(f"\n{table.title}\n{table.to_markdown()}")
+        print("\n".join(_items_section(table)))
         if report.gaps:
             print(f"\nGaps\n{report.gaps[index].to_markdown()}")
+            if report.gaps[index].without_items:
+                print(f"no per-item results for: {', '.join(report.gaps[index].without_items)}")
     print("\nwrote " + ", ".join(str(path) for path in report.files.values()))
     if args.wandb or wants_wandb(report.summaries):
         log_to_wandb(report, project=args.wandb_project)

@@ -16,7 +16,7 @@ COLUMN_ORDER = ("oxford_pets", "stanford_cars", "cifar10", "dtd", "eurosat", "fg
                 "boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa")
 # Full-size methods first, compressing ones after; within a budget, JACTUS last (as in the paper).
 METHOD_ORDER = ("zero_shot", "linear_probe", "full_ft", "lora", "dora", "pissa", "compress_then_adapt", "tunecomp",
-                "cersa", "jactus")
+                "cersa", "jactus", "jactus_palette")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -40,8 +40,26 @@ def load_summaries(dirs) -> tuple[list[dict], list[str]]:
                 unreadable.append(f"{path} (no {', '.join(missing)})")
                 continue
             summary["_path"] = str(path)
-            summaries.append(summary)
+            summaries += palette_rows(summary)
     return summaries, unreadable
+
+
+def palette_rows(summary: dict) -> list[dict]:
+    """A palette run (jactus_palette: one fine-tuning run, one compact model per budget) as one row per member, each
+    with the member's budget, size and metrics, so that tables and the accuracy-vs-parameters plot show the palette
+    as one line across budgets beside independent runs; any other summary as itself."""
+    members = summary.get("palette")
+    if not members:
+        return [summary]
+    rank_maps = {plan.get("budget"): plan.get("rank_map") for plan in summary.get("palette_plans") or []}
+    rows = []
+    for member in members:
+        row = {key: value for key, value in summary.items() if key != "palette"}
+        row.update(budget=member["budget"], metrics=member.get("metrics") or {},
+                   params_deployed=member.get("params_deployed"), params_ratio=member.get("params_ratio"),
+                   rank_map=rank_maps.get(member["budget"]))
+        rows.append(row)
+    return rows
 
 
 def _as_paths(dirs) -> list[Path]:

@@ -71,6 +71,8 @@ class ResultTable:
     ratio: dict[str, float | None]  # mean params_ratio of the row's successful runs (fraction)
     digits: int = 2
     lower_is_better: bool = False  # a loss (test/nll) rather than an accuracy: the lowest mean is the best
+    runs: dict[tuple[str, object], list[str]] = field(default_factory=dict)  # (row, seed) -> successful runs' paths
+    metric: str = ""
 
     def cell(self, row: str, column: str) -> Cell:
         return self.cells.get((row, column), Cell())
@@ -172,9 +174,13 @@ def build_table(frame: pd.DataFrame, title: str = "", digits: int = 2) -> Result
         runs = frame[(frame["label"] == label) & (frame["status"] == "ok")].drop_duplicates("path")
         ratios = runs["params_ratio"].dropna()
         ratio[label] = float(ratios.mean()) if len(ratios) else None
+    runs: dict[tuple[str, object], list[str]] = {}
+    for _, run in frame[frame["status"] == "ok"].drop_duplicates("path").iterrows():
+        runs.setdefault((run["label"], run["seed"]), []).append(run["path"])
     metrics = frame["metric"].dropna().unique()
-    return ResultTable(title, rows, columns, cells, ratio, digits,
-                       lower_is_better=len(metrics) > 0 and lower_is_better(str(metrics[0])))
+    metric = str(metrics[0]) if len(metrics) else ""
+    return ResultTable(title, rows, columns, cells, ratio, digits, lower_is_better=lower_is_better(metric),
+                       runs=runs, metric=metric)
 
 
 def build_tables(frame: pd.DataFrame, digits: int = 2) -> list[ResultTable]:
