@@ -189,6 +189,9 @@ def test_deployed_parameters_meet_the_budget_exactly(backbone, scope, allocation
         assert min(densities) > 0.05
     summary = method.summary()
     assert summary["sparse_index_format"] == "csr_int32" and summary["sparse_index_bytes"] > 0
+    # what trains: the surviving weights (the pruned ones are held at zero), not the whole weight tensors
+    trainable = sum(p.numel() for p in pruned.parameters() if p.requires_grad)
+    assert method.params_trainable(pruned) == trainable - (weights - sum(method.nnz.values()))
 
 
 def test_the_task_hessian_beats_magnitude_pruning_on_the_model_outputs():

@@ -100,7 +100,7 @@ class CompressionCallback(Callback):
         upcast_trainable(pl_module.model)  # what trains is fp32, whatever the method left in the backbone's dtype
         pl_module.method = self.method  # training_step adds the method's loss terms
         pl_module.distillation = self._distillation(pl_module)
-        self.params_trainable = count_params(pl_module.model, trainable_only=True)
+        self.params_trainable = self.method.params_trainable(pl_module.model)
         self.applied = True
         summary = self.method.summary()
         if trainer.is_global_zero and summary.get("rank_map"):

@@ -121,6 +121,13 @@ class Method:
 
         return count_params(deployed)
 
+    def params_trainable(self, model: nn.Module) -> int:
+        """Parameters the optimizer updates in the prepared `model`: every trainable parameter by default; a method
+        that trains part of a tensor (TACO's surviving weights) counts that part."""
+        from ..core import count_params
+
+        return count_params(model, trainable_only=True)
+
     def structure(self) -> dict | None:
         """What a checkpoint needs to rebuild this method's module structure without recalibrating."""
         return None

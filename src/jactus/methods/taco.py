@@ -198,6 +198,14 @@ class Taco(Method):
         return count_params(deployed) - sum(w.numel() for w in pruned) + sum(int(torch.count_nonzero(w))
                                                                             for w in pruned)
 
+    def params_trainable(self, model: nn.Module) -> int:
+        """Trainable parameters with each pruned weight counted by its surviving entries (the masked ones are held
+        at zero)."""
+        pruned = [model.get_submodule(name).weight for name in self.shapes]
+        masked = sum(w.numel() - int(self.nnz[name]) for name, w in zip(self.shapes, pruned, strict=True)
+                     if w.requires_grad)
+        return count_params(model, trainable_only=True) - masked
+
     def structure(self) -> dict | None:
         if not self.shapes:
             return None
