@@ -57,6 +57,14 @@ def variant_row(name: str) -> tuple[str, float | None]:
     return label, OmegaConf.select(variant, "budget.ratio")
 
 
+def first_table(markdown: str) -> list[str]:
+    """The rows of the first markdown table (the results table; the item counts and gaps follow it)."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return [line for line in lines[start:end] if line.startswith("| ")]
+
+
 def jactus_train(args: list[str], log: Path) -> None:
     """Run the installed `jactus-train` console script; its output goes to `log` and into the failure message."""
     script = Path(sys.executable).with_name("jactus-train")
@@ -115,7 +123,7 @@ def test_experiment_runs_on_tiny_stand_ins(experiment, tmp_path):
 
     out = tmp_path / "report"
     assert report.main([str(sweep_dir), "--out", str(out)]) == 0
-    lines = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")]
+    lines = first_table((out / "report.md").read_text())
     header, rows = lines[0].split(" | "), [line.strip("| ").split(" | ") for line in lines[1:]]
     assert header[0] == "| Method" and len(lines) == 1 + len(variants), lines
     assert sorted(row[0] for row in rows) == sorted(labels.values())
