@@ -30,6 +30,12 @@ def test_palette_run_writes_a_compact_model_per_budget(compose_cfg, tmp_path):
         assert count_params(compact) == member["params_deployed"]
         with torch.no_grad():
             assert compact(torch.randn(2, 3, 32, 32)).shape[0] == 2
+    # jactus-eval on a member finds the palette run's summary two levels up: method, the member's budget and size
+    from jactus.evaluate import _origin_summary
+
+    origin = _origin_summary(run / "compact" / "budget_0.6")
+    assert origin["method"] == "jactus_palette" and origin["budget"] == 0.6
+    assert origin["params_deployed"] == summary["palette"][0]["params_deployed"]
     assert summary["palette"][-1]["metrics"] == summary["metrics"]  # the largest member is the run's main model
     assert summary["params_deployed"] == summary["palette"][-1]["params_deployed"]
     sampling = summary["palette_sampling"]

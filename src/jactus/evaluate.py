@@ -49,10 +49,9 @@ def evaluate(cfg: DictConfig) -> dict:
         datamodule.setup("test")
         module = ImageClassifier(model, lr=cfg.optim.lr)
     metrics = module.evaluate(datamodule.test_dataloader(), device)
-    # jactus-compress writes summary.json inside the compact dir, jactus-train beside it
-    origin = next((p for p in (compact_dir / "summary.json", compact_dir.parent / "summary.json") if p.is_file()), None)
-    written = json.loads(origin.read_text()) if origin is not None else {}
-    params = count_params(model)
+    written = _origin_summary(compact_dir)
+    # the method's own count where the run recorded it (a pruned model's zeros are not deployed parameters)
+    params = written.get("params_deployed") or count_params(model)
     original = written.get("params_original")
     summary = {
         "method": written.get("method", "compact"), "model": cfg.model.name, "data": cfg.data.name,
@@ -68,6 +67,20 @@ def evaluate(cfg: DictConfig) -> dict:
     write_summary(Path(cfg.paths.output_dir), summary)
     print_results_table(f"{compact_dir} on {cfg.data.name}: accuracy (%), nll", [("compact", metrics)])
     return summary
+
+
+def _origin_summary(compact_dir: Path) -> dict:
+    """The summary of the run that wrote `compact_dir`: jactus-compress writes it inside the compact dir, jactus-train
+    beside it, a palette run two levels up (`<run>/compact/budget_<b>`, whose member entry gives budget and size)."""
+    candidates = [compact_dir / "summary.json", compact_dir.parent / "summary.json"]
+    if compact_dir.parent.name == "compact":
+        candidates.append(compact_dir.parent.parent / "summary.json")
+    origin = next((path for path in candidates if path.is_file()), None)
+    written = json.loads(origin.read_text()) if origin is not None else {}
+    member = next((m for m in written.get("palette") or [] if compact_dir.name == f"budget_{m['budget']}"), None)
+    if member is not None:
+        written = {**written, "budget": member["budget"], "params_deployed": member.get("params_deployed")}
+    return written
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
