@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime
 import functools
 import gc
 import json
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
-DATE = "2026-11-23"  # the date the results are recorded under (the project's run date)
+DATE = datetime.date.today().isoformat()  # the day the figures are measured
 SCALES = ("toy", "cpu", "gpu")
 
 # Llama shapes. gpu: Llama-2-7B (compression) and TinyLlama-1.1B (throughput, >= 1B parameters).

@@ -20,6 +20,7 @@ set changed, and that every rank ends with the same cores.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import common
@@ -66,6 +67,24 @@ def compact_tiny_llama(device: torch.device):
     return factorize(model, stats, plan_ranks(model, stats, budget=0.8), progress=False)
 
 
+def export_round_trip(model, full: dict[str, torch.Tensor]) -> bool:
+    """The trained (gathered) parameters in `model`, an unsharded copy taken before training, deployed:
+    save_compact -> load_compact gives the same logits as the factorized model."""
+    import tempfile
+
+    from jactus.core import load_compact, save_compact
+
+    missing, unexpected = model.load_state_dict(full, strict=False)
+    if unexpected or any(name in dict(model.named_parameters()) for name in missing):
+        return False
+    ids = torch.randint(0, common.LLAMA["toy"]["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), tempfile.TemporaryDirectory() as folder:
+        expected = model.eval()(input_ids=ids).logits
+        save_compact(model, folder)
+        loaded = load_compact(folder)(input_ids=ids).logits
+    return bool(torch.allclose(loaded, expected, rtol=1e-4, atol=1e-5))
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategy", choices=("fsdp2", "fsdp1"), default="fsdp2")
@@ -84,6 +103,7 @@ def main(argv=None) -> dict:
     noncontiguous = [n for n, p in model.named_parameters() if not p.is_contiguous()]
     for param in model.parameters():
         param.data = param.data.contiguous()
+    unsharded = copy.deepcopy(model)  # the structure the export check loads the trained parameters into
     trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
 
@@ -132,9 +152,11 @@ def main(argv=None) -> dict:
         "trainable_changed": f"{changed_trainable}/{len(trainable_before)}",
         "frozen_changed": f"{changed_frozen}/{len(frozen_before)}", "cores_identical_across_ranks": same_cores,
         "noncontiguous_params_fixed": len(noncontiguous), "noncontiguous_example": noncontiguous[:3],
-        "ok": bool(trainer.global_step == args.steps and all(map(lambda x: x == x, module.losses))
-                   and changed_frozen == 0 and changed_trainable > 0 and same_cores),
     }
+    record["export_loads"] = export_round_trip(unsharded, full) if trainer.is_global_zero else None
+    record["ok"] = bool(trainer.global_step == args.steps and all(map(lambda x: x == x, module.losses))
+                        and changed_frozen == 0 and changed_trainable > 0 and same_cores
+                        and record["export_loads"] is not False)
     if trainer.is_global_zero:
         common.write_json(record, args.out)
     return record
