@@ -45,6 +45,11 @@ def test_palette_run_writes_a_compact_model_per_budget(compose_cfg, tmp_path):
     summaries, unreadable = load_summaries(run)
     assert not unreadable and [(s["method"], s["budget"]) for s in summaries] == [("jactus_palette", 0.6),
                                                                                    ("jactus_palette", 0.8)]
+    from jactus.report.items import run_items  # each member's row reads the items the run tagged with its budget
+
+    member_items = {row["budget"]: run_items(row["_path"]) for row in summaries}
+    for budget, records in member_items.items():
+        assert records and {record["budget"] for record in records} == {budget}
     frame = results_frame(summaries)
     assert sorted(frame["label"]) == ["jactus_palette@0.6", "jactus_palette@0.8"]
     assert summaries[0]["rank_map"] != summaries[1]["rank_map"]

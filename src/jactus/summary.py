@@ -13,6 +13,7 @@ object per line, gzip-compressed: {"split": "test" | "val", "task": "piqa" (the 
 (split, task, index) names the same question in every run with the same data settings and seed (the seed fixes the
 split): jactus-report pairs two methods on it for its bootstrap intervals. `correct` and `nll` are as in `metrics`
 (the mean of `correct` x 100 over a task's items is `<split>/acc_<task>`; the mean of `nll` is `<split>/nll_<task>`).
+A palette run (jactus_palette) writes every member's records, each with the member's "budget".
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 ITEMS_FILE = "items.jsonl.gz"
 ITEM_KEYS = ("split", "task", "index", "correct", "nll")
+ITEM_OPTIONAL_KEYS = ("budget",)  # a palette run's records name the member they belong to
 REQUIRED_KEYS = (
     "method", "model", "data", "budget", "seed", "params_original", "params_deployed", "params_trainable",
     "params_ratio", "metrics", "wall_s", "git_sha", "status",
@@ -54,15 +56,18 @@ def read_summary(path: str | Path) -> dict:
 
 
 def write_items(run_dir: str | Path, records: list[dict]) -> Path:
-    """Write per-item records ({split, task, index, correct, nll}) to `run_dir`/items.jsonl.gz."""
+    """Write per-item records ({split, task, index, correct, nll}, + budget for a palette member) to
+    `run_dir`/items.jsonl.gz."""
     for record in records[:1]:
-        if set(record) != set(ITEM_KEYS):
-            raise ValueError(f"an item record has keys {sorted(record)}; expected {list(ITEM_KEYS)}")
+        if not set(ITEM_KEYS) <= set(record) <= set(ITEM_KEYS + ITEM_OPTIONAL_KEYS):
+            raise ValueError(f"an item record has keys {sorted(record)}; expected {list(ITEM_KEYS)} "
+                             f"(and optionally {list(ITEM_OPTIONAL_KEYS)})")
     path = Path(run_dir) / ITEMS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(path, "wt", encoding="utf-8") as handle:
         for record in records:
-            handle.write(json.dumps({key: record[key] for key in ITEM_KEYS}) + "\n")
+            handle.write(json.dumps({key: record[key] for key in ITEM_KEYS + ITEM_OPTIONAL_KEYS if key in record})
+                         + "\n")
     return path
 
 

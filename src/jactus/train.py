@@ -83,10 +83,12 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
     # A palette method (jactus_palette) trained one model per budget: each is evaluated here, smallest first, so that
     # the largest, active last, is the run's main model (its metrics, params_deployed).
     members = method.palette_members()
-    palette = []
+    palette, member_items = [], []
     for budget, activate in members:
         activate(run.module.model)
         palette.append({"budget": budget, "metrics": _evaluate(cfg, trainer, run)})
+        # each member's per-item results, tagged with its budget (one items file for the run)
+        member_items += [{**record, "budget": budget} for record in _item_records(run.module, cfg.data.name)]
     metrics = palette[-1]["metrics"] if palette else _evaluate(cfg, trainer, run)
     if not compression.applied:  # finetune=false, test=false and no validation split: nothing ran at all
         raise ValueError("finetune=false with test=false and no validation split evaluates nothing: set test=true or "
@@ -122,7 +124,7 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
     if compression.distill_summary:
         summary["distill"] = compression.distill_summary
     summary.update(method.summary())
-    items = _item_records(run.module, cfg.data.name)
+    items = member_items if palette else _item_records(run.module, cfg.data.name)
     if items:
         summary["items"] = ITEMS_FILE
     summary["wall_s"] = time.perf_counter() - start

@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 
 from ..summary import ITEMS_FILE, read_items
-from .load import AVERAGE, MISSING
+from .load import AVERAGE, MEMBER_MARK, MISSING
 from .tables import ResultTable
 
 # metric name (after "<split>/") -> (the item field, the factor that puts it on the metric's scale)
@@ -24,9 +24,18 @@ def metric_field(metric: str) -> tuple[str, str, float] | None:
 
 
 def run_items(summary_path: str) -> tuple[dict, ...] | None:
-    """The item records of the run whose summary.json is `summary_path`; None when it wrote none (older runs)."""
+    """The item records of the run whose summary.json is `summary_path`; None when it wrote none (older runs).
+
+    A palette member's row carries `<summary path>#budget=<b>` (`load.palette_rows`): its records are those the
+    run tagged with that budget."""
+    summary_path, _, member = summary_path.partition(MEMBER_MARK)
     path = Path(summary_path).parent / ITEMS_FILE
-    return _read(str(path), path.stat().st_mtime_ns) if path.is_file() else None
+    if not path.is_file():
+        return None
+    records = _read(str(path), path.stat().st_mtime_ns)
+    if member:
+        records = tuple(r for r in records if r.get("budget") is not None and float(r["budget"]) == float(member))
+    return records
 
 
 @functools.lru_cache(maxsize=4096)

@@ -44,6 +44,9 @@ def load_summaries(dirs) -> tuple[list[dict], list[str]]:
     return summaries, unreadable
 
 
+MEMBER_MARK = "#budget="  # "<summary path>#budget=<b>": a palette member's row (report.items reads its items)
+
+
 def palette_rows(summary: dict) -> list[dict]:
     """A palette run (jactus_palette: one fine-tuning run, one compact model per budget) as one row per member, each
     with the member's budget, size and metrics, so that tables and the accuracy-vs-parameters plot show the palette
@@ -58,6 +61,8 @@ def palette_rows(summary: dict) -> list[dict]:
         row.update(budget=member["budget"], metrics=member.get("metrics") or {},
                    params_deployed=member.get("params_deployed"), params_ratio=member.get("params_ratio"),
                    rank_map=rank_maps.get(member["budget"]))
+        if "_path" in summary:  # one run, one row per member: the member's items are the ones tagged with its budget
+            row["_path"] = f"{summary['_path']}{MEMBER_MARK}{member['budget']}"
         rows.append(row)
     return rows
 
