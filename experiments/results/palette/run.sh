@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Issue 17 item 4 (vision half, CPU scale): one JACTUS palette run of N steps against independent JACTUS runs of
+# N and N/4 steps, DINOv2-S on Fashion-MNIST with the offline_vit settings, budgets 0.5/0.6/0.7/0.8, lr 1e-4 for all.
+# Runs two jobs at a time (2 CPU cores, one thread each). Usage:
+#   experiments/results/palette/run.sh [SEEDS] [N]        # defaults: "0 1" and 100
+#   ROWS="palette indep_n indep_q" experiments/results/palette/run.sh   # pick rows (also palette_uniform)
+# Each run writes $LOG/<name>/summary.json; then (see README.md):
+#   jactus-report $LOG --out experiments/results/palette --split-by trainer.max_steps --split-by method.sampling
+set -u
+cd "$(dirname "$0")/../../.."
+SEEDS=${1:-"0 1"}
+N=${2:-100}
+Q=$((N / 4))
+ROWS=${ROWS:-"palette indep_n indep_q"}
+BUDGETS=${BUDGETS:-"0.5 0.6 0.7 0.8"}
+LOG=${LOG:-experiments/results/palette/logs_tmp}
+P=${P:-2}   # jobs at once; several instances may share LOG (a job is claimed by mkdir $LOG/<name>.lock)
+BIN=${BIN:-.venv/bin/jactus-train}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+COMMON=(experiment=offline_vit hydra.mode=RUN optim.lr=1e-4 evaluate_before=false logger=csv
+        trainer.enable_checkpointing=false trainer.max_epochs=100 paths.log_dir=$LOG)
+
+jobs_list=()
+for seed in $SEEDS; do
+  for row in $ROWS; do
+    case $row in
+      palette) jobs_list+=("palette_s${seed}_n${N}|method=jactus_palette 'method.palette=[0.5,0.6,0.7,0.8]' trainer.max_steps=$N seed=$seed") ;;
+      palette_uniform) jobs_list+=("palette_uniform_s${seed}_n${N}|method=jactus_palette 'method.palette=[0.5,0.6,0.7,0.8]' method.sampling=uniform trainer.max_steps=$N seed=$seed") ;;
+      indep_n) for b in $BUDGETS; do jobs_list+=("jactus${b}_s${seed}_n${N}|method=jactus budget.ratio=$b trainer.max_steps=$N seed=$seed"); done ;;
+      indep_q) for b in $BUDGETS; do jobs_list+=("jactus${b}_s${seed}_n${Q}|method=jactus budget.ratio=$b trainer.max_steps=$Q seed=$seed"); done ;;
+    esac
+  done
+done
+
+run_one() {
+  local name=${1%%|*} args=${1#*|}
+  if [ -f "$LOG/$name/summary.json" ]; then echo "skip $name (done)"; return; fi
+  mkdir -p "$LOG"
+  mkdir "$LOG/$name.lock" 2>/dev/null || { echo "skip $name (claimed by another instance)"; return; }
+  mkdir -p "$LOG/$name"
+  local t0=$(date +%s)
+  eval "$BIN ${COMMON[*]} hydra.run.dir=$LOG/$name $args" > "$LOG/$name.out" 2>&1
+  local rc=$?
+  echo "$name rc=$rc wall_s=$(( $(date +%s) - t0 ))" | tee -a "$LOG/walltimes.txt"
+  [ -f "$LOG/$name/summary.json" ] || rmdir "$LOG/$name.lock"   # a failed job can be claimed again by a rerun
+}
+
+for job in "${jobs_list[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "$P" ]; do wait -n; done
+  run_one "$job" &
+done
+wait
