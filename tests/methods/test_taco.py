@@ -7,11 +7,8 @@ import copy
 import math
 
 import pytest
-import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from jactus.core import count_params, find_targets
 from jactus.core.obs_prune import (
@@ -25,44 +22,13 @@ from jactus.core.obs_prune import (
 from jactus.methods import MethodContext, get_method_class
 from jactus.methods.taco import MASK, Taco
 
+from .test_baselines import BACKBONES as BASELINE_BACKBONES
+
 torch.set_num_threads(1)
 
 
-def vision_loss(model, batch):
-    images, labels = batch
-    return F.cross_entropy(model(images), labels)
-
-
-def lm_loss(model, batch):
-    return model(**batch).loss
-
-
-def tiny_vit():
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                              embed_dim=48, num_heads=3, num_classes=5)
-    generator = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(4, 3, 32, 32, generator=generator), torch.randint(0, 5, (4,), generator=generator))
-               for _ in range(3)]
-    return model, batches, vision_loss, ["head"]
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
-    generator = torch.Generator().manual_seed(1)
-    batches = []
-    for _ in range(3):
-        input_ids = torch.randint(0, 64, (2, 8), generator=generator)
-        attention_mask = torch.ones_like(input_ids)
-        attention_mask[1, 6:] = 0
-        batches.append({"input_ids": input_ids, "attention_mask": attention_mask,
-                        "labels": input_ids.masked_fill(attention_mask == 0, -100)})
-    return model, batches, lm_loss, []
-
-
-BACKBONES = {"vit": tiny_vit, "llama": tiny_llama}
+# the tiny backbones of the baseline tests, without the family entry
+BACKBONES = {name: (lambda build=build: build()[:4]) for name, build in BASELINE_BACKBONES.items()}
 
 
 def prepare(backbone: str, **options):
@@ -255,7 +221,7 @@ def test_rebuild_restores_the_masks_from_a_checkpoint():
     method, model, _, batches, loss_fn = prepare("vit", budget=0.5)
     train(method, model, batches, loss_fn, steps=2)
     state, structure = copy.deepcopy(model.state_dict()), method.structure()
-    fresh, _, _, _ = tiny_vit()
+    fresh, _, _, _ = BACKBONES["vit"]()
     resumed = Taco(budget=0.5)
     fresh = resumed.rebuild(fresh, structure)
     fresh.load_state_dict(state, strict=True)
