@@ -23,6 +23,7 @@ from jactus.methods import MethodContext, get_method_class
 from jactus.methods.taco import MASK, Taco
 
 from .test_baselines import BACKBONES as BASELINE_BACKBONES
+from .test_baselines import outputs
 
 torch.set_num_threads(1)
 
@@ -37,15 +38,6 @@ def prepare(backbone: str, **options):
     method = Taco(**options)
     ctx = MethodContext(model=model, loss_fn=loss_fn, calibration_batches=batches, head_names=heads)
     return method, method.apply(ctx), original, batches, loss_fn
-
-
-def outputs(model, batches):
-    model.eval()
-    with torch.no_grad():
-        if isinstance(batches[0], tuple):
-            return torch.cat([model(images) for images, _ in batches])
-        return torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                          for b in batches])
 
 
 def train(method, model, batches, loss_fn, steps: int, weight_decay: float = 0.1, masks_each_step: bool = True):
