@@ -4,6 +4,8 @@
 # Runs two jobs at a time (2 CPU cores, one thread each). Usage:
 #   experiments/results/palette/run.sh [SEEDS] [N]        # defaults: "0 1" and 100
 #   ROWS="palette indep_n indep_q" experiments/results/palette/run.sh   # pick rows (also palette_uniform)
+#   EXPERIMENT=offline_llama LR=5e-4 BUDGETS="0.6 0.8" LOG=experiments/results/palette/logs_llama \
+#     experiments/results/palette/run.sh 0 40                          # the SmolLM2 half at CPU scale
 # Each run writes $LOG/<name>/summary.json; then (see README.md):
 #   jactus-report $LOG --out experiments/results/palette --split-by trainer.max_steps --split-by method.sampling
 set -u
@@ -14,18 +16,21 @@ Q=$((N / 4))
 ROWS=${ROWS:-"palette indep_n indep_q"}
 BUDGETS=${BUDGETS:-"0.5 0.6 0.7 0.8"}
 LOG=${LOG:-experiments/results/palette/logs_tmp}
+EXPERIMENT=${EXPERIMENT:-offline_vit}   # offline_llama: the SmolLM2 half (LR=5e-4, its experiment's JACTUS rate)
+LR=${LR:-1e-4}
+PALETTE="[$(echo $BUDGETS | tr ' ' ',')]"
 P=${P:-2}   # jobs at once; several instances may share LOG (a job is claimed by mkdir $LOG/<name>.lock)
 BIN=${BIN:-.venv/bin/jactus-train}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-COMMON=(experiment=offline_vit hydra.mode=RUN optim.lr=1e-4 evaluate_before=false logger=csv
+COMMON=(experiment=$EXPERIMENT hydra.mode=RUN optim.lr=$LR evaluate_before=false logger=csv
         trainer.enable_checkpointing=false trainer.max_epochs=100 paths.log_dir=$LOG)
 
 jobs_list=()
 for seed in $SEEDS; do
   for row in $ROWS; do
     case $row in
-      palette) jobs_list+=("palette_s${seed}_n${N}|method=jactus_palette 'method.palette=[0.5,0.6,0.7,0.8]' trainer.max_steps=$N seed=$seed") ;;
-      palette_uniform) jobs_list+=("palette_uniform_s${seed}_n${N}|method=jactus_palette 'method.palette=[0.5,0.6,0.7,0.8]' method.sampling=uniform trainer.max_steps=$N seed=$seed") ;;
+      palette) jobs_list+=("palette_s${seed}_n${N}|method=jactus_palette 'method.palette=$PALETTE' trainer.max_steps=$N seed=$seed") ;;
+      palette_uniform) jobs_list+=("palette_uniform_s${seed}_n${N}|method=jactus_palette 'method.palette=$PALETTE' method.sampling=uniform trainer.max_steps=$N seed=$seed") ;;
       indep_n) for b in $BUDGETS; do jobs_list+=("jactus${b}_s${seed}_n${N}|method=jactus budget.ratio=$b trainer.max_steps=$N seed=$seed"); done ;;
       indep_q) for b in $BUDGETS; do jobs_list+=("jactus${b}_s${seed}_n${Q}|method=jactus budget.ratio=$b trainer.max_steps=$Q seed=$seed"); done ;;
     esac
