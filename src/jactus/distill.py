@@ -22,7 +22,6 @@ dense model over the training set, once, before compression.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .core.calibration import to_device
-from .core.precision import HALF_DTYPES, model_dtype
+from .core.precision import autocast_for
 
 # (loss, logits at the loss positions [B, C] or [M, V], batch row of each position) of a model on a training batch:
 # `TaskModule.loss_and_logits`
@@ -87,11 +86,6 @@ class TeacherCache:
         return cls(state["kind"], state["temperature"], state["topk"], dict(state["entries"]))
 
 
-def _autocast(model: torch.nn.Module, device: torch.device):
-    dtype = model_dtype(model)
-    return torch.autocast(device.type, dtype=dtype) if dtype in HALF_DTYPES else contextlib.nullcontext()
-
-
 @torch.no_grad()
 def build_cache(model: torch.nn.Module, batches: Iterable, loss_and_logits: LossAndLogits, *, family: str,
                 topk: int = 32, temperature: float = 1.0, device: torch.device | str = "cpu", progress: bool = True,
@@ -116,7 +110,7 @@ def build_cache(model: torch.nn.Module, batches: Iterable, loss_and_logits: Loss
                 continue
             batch = to_device(batch, device)
             index = example_indices(batch).tolist()
-            with _autocast(model, device):
+            with autocast_for(model, device):
                 _, logits, rows = loss_and_logits(model, batch)
             logits = logits.float()
             if cache.kind == "logits":
@@ -206,12 +200,11 @@ class Distillation:
 
     weight: float
     temperature: float = 1.0
-    topk: int = 32
-    cache: TeacherCache | None = None
+    cache: TeacherCache | None = None  # the top-k it holds was chosen when it was built
     teacher_fn: Callable | None = None
 
     def __post_init__(self):
-        check_options(self.weight, self.temperature, self.topk)
+        check_options(self.weight, self.temperature, None)
 
     def term(self, model: torch.nn.Module, batch, student_logits: torch.Tensor) -> torch.Tensor:
         scale = self.weight * self.temperature ** 2

@@ -77,7 +77,6 @@ class CompressionCallback(Callback):
         # The checkpoint a resumed run starts from. Lightning sets `trainer.ckpt_path` only after the `setup` hooks,
         # so the caller passes it (jactus-train: `ckpt_path`); without it the method would be applied afresh.
         self.ckpt_path = ckpt_path
-        self.resumed = False
         self.distill = distill or DistillSettings()
         self.distill_weight = self.distill.resolved_weight(method)  # a bad pairing fails before any loading
         self.teacher_cache: TeacherCache | None = None
@@ -94,7 +93,6 @@ class CompressionCallback(Callback):
         ckpt_path = self.ckpt_path or trainer.ckpt_path
         if ckpt_path:
             self._rebuild_from_checkpoint(ckpt_path, pl_module)
-            self.resumed = True
         else:
             self._apply(trainer, pl_module)
         upcast_trainable(pl_module.model)  # what trains is fp32, whatever the method left in the backbone's dtype
@@ -168,8 +166,7 @@ class CompressionCallback(Callback):
     def _distillation(self, pl_module: L.LightningModule) -> Distillation | None:
         if self.distill_weight == 0:
             return None
-        distillation = Distillation(self.distill_weight, self.distill.temperature, self.distill.topk,
-                                    cache=self.teacher_cache)
+        distillation = Distillation(self.distill_weight, self.distill.temperature, cache=self.teacher_cache)
         if self.method.own_teacher:
             def teacher_logits(model, batch):
                 with self.method.distill_teacher(model):

@@ -9,12 +9,21 @@ linear layers run in bf16 and their gradients reach the fp32 parameters through 
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 import torch
 from torch import nn
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def autocast_for(model: nn.Module, device: torch.device | str):
+    """The autocast context a half-precision `model` (fp32 trainables on half weights) runs under outside a trainer,
+    as `bf16-mixed` runs it; no autocast for an fp32 model."""
+    dtype = model_dtype(model)
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype in HALF_DTYPES else contextlib.nullcontext()
 # Lightning precision flags that keep fp32 parameters (autocast or plain fp32); the "-true" half flags convert the
 # whole module, trainable tensors included, to half precision, which METHOD.md section 8 rules out.
 MIXED_PRECISIONS = ("bf16-mixed", "16-mixed", "bf16", "16")

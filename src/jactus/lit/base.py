@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterable, Sequence
 
@@ -182,15 +181,13 @@ class TaskModule(L.LightningModule):
         per-item results go to `item_results[stage]`.
 
         A half-precision backbone with fp32 trainables runs under autocast in its dtype, as `bf16-mixed` trains it."""
-        from ..core.precision import HALF_DTYPES, model_dtype
+        from ..core.precision import autocast_for
 
         device = torch.device(device) if device is not None else next(self.model.parameters()).device
-        dtype = model_dtype(self.model)
-        autocast = torch.autocast(device.type, dtype=dtype) if dtype in HALF_DTYPES else contextlib.nullcontext()
         was_training = self.model.training
         self.model.eval()
         counts, items = self._new_counts(device), []
-        with autocast:
+        with autocast_for(self.model, device):
             for batch in tqdm(batches, desc=f"evaluate ({stage})", leave=False, disable=not progress):
                 scored = self.score_batch(to_device(batch, device))
                 self._accumulate(counts, scored)

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from ..core import ALLOCATORS, SCOPES, STATS_MODES, FactorizedLinear, compress_model, count_params, find_targets
+from ..core import ALLOCATORS, SCOPES, STATS_MODES, FactorizedLinear, compress_model
 from ..core.compact import attach_sparse_structure
 from ..core.sparse import SparseDelta, sparse_index_bytes, top_support, uniform_nnz, weight_fisher
 from ..core.subspace import WEIGHT_BASES
@@ -82,7 +82,6 @@ class Jactus(LowRankMethod):
         if ctx.calibration_batches is None:
             raise ValueError("jactus needs calibration batches (the datamodule's calibration_dataloader())")
         self.head_names = list(ctx.head_names)
-        params_scope = self._params_in_scope(ctx.model) if self.sparse_share else 0
         low_rank_budget = self.budget * (1.0 - self.sparse_share)
         try:
             model, self.plan = self._compress(ctx, low_rank_budget)
@@ -93,14 +92,9 @@ class Jactus(LowRankMethod):
                              f"the low-rank layers, which no plan meets ({err}); lower the sparse share") from err
         self.compress_stats = model.jactus_compress_stats
         if self.sparse_share:
-            self._add_sparse(model, ctx, math.floor(self.sparse_share * self.budget * params_scope))
+            # the plan's params_original: the parameters in the budget's scope (model or targets)
+            self._add_sparse(model, ctx, math.floor(self.sparse_share * self.budget * self.plan.params_original))
         return model
-
-    def _params_in_scope(self, model: nn.Module) -> int:
-        if self.scope == "model":
-            return count_params(model)
-        return sum(model.get_submodule(name).weight.numel() + (model.get_submodule(name).bias.numel() if
-                   model.get_submodule(name).bias is not None else 0) for name in find_targets(model, self.targets))
 
     def _add_sparse(self, model: nn.Module, ctx: MethodContext, nnz_total: int) -> None:
         layers = {name: m for name, m in model.named_modules() if isinstance(m, FactorizedLinear)}
