@@ -53,6 +53,7 @@ from .decompositions import Decompositions
 from .factorize import build_layers, install_layers
 from .linalg import COMPUTE_DTYPES, DEFAULT_DAMPING, EIG_METHODS, check_choice
 from .progress import progress_bar
+from .stats_cache import StatsCache, batches_digest, model_digest, stats_key
 from .subspace import STATS_MODES, WEIGHT_BASES
 from .targets import find_targets
 
@@ -153,6 +154,7 @@ def compress_model(
     loss_normalizer: Callable[[Any], float] | None = None,
     build_layer: LayerBuilder | None = None,
     nested: bool = False,
+    stats_cache: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, RankPlan] | list[tuple[nn.Module, RankPlan]]:
     """Compress `model` to `budget` in bounded memory (module docstring) -> `(model, plan)`, the model changed in
     place with the freeze policy of `factorize(freeze=True)`.
@@ -180,6 +182,10 @@ def compress_model(
     at the largest rank any budget gives it, and swapped in (no copies of the dense model); every pair returned
     holds that one model. The default builder then uses nested bases (`union_subspace(nested=True)`), whose
     truncations give the smaller ranks' factorizations.
+
+    `stats_cache`: a directory where each pass's statistics are stored under a hash of the model, the batches and the
+    calibration settings, and loaded from when present (`core.stats_cache`): a sweep over rho, budgets or damping
+    calibrates once. `jactus_compress_stats["stats_cache"]` counts the hits and misses.
     """
     single = not isinstance(budget, (list, tuple))
     budgets = [budget] if single else list(budget)
@@ -201,6 +207,8 @@ def compress_model(
     max_stats_bytes = resolve_max_stats_bytes(max_stats_bytes, device) if need_stats else None
     clock = _StageClock(device)
     peak_stats_bytes = 0
+    cache = StatsCache(stats_cache) if stats_cache is not None and need_stats else None
+    digests: dict[str, str] = {}
 
     with clock("phase1_calibrate"):
         groups = _input_groups(model, modules, batches, loss_fn, device) if need_stats else [[n] for n in modules]
@@ -212,10 +220,23 @@ def compress_model(
         nonlocal peak_stats_bytes
         stats = None
         if need_stats:
-            stats = calibrate(model, batches, loss_fn, {name: modules[name] for group in pass_groups for name in group},
-                              mask_key=mask_key, need_gradients=need_gradients, offload_to_cpu=offload_to_cpu,
-                              device=device, progress=progress, loss_normalizer=loss_normalizer,
-                              stats_dtype=stats_dtype, groups=pass_groups)
+            def measure():
+                return calibrate(model, batches, loss_fn,
+                                 {name: modules[name] for group in pass_groups for name in group},
+                                 mask_key=mask_key, need_gradients=need_gradients, offload_to_cpu=offload_to_cpu,
+                                 device=device, progress=progress, loss_normalizer=loss_normalizer,
+                                 stats_dtype=stats_dtype, groups=pass_groups)
+
+            if cache is None:
+                stats = measure()
+            else:
+                if not digests:  # the model is dense and unchanged until every pass is done: hash it once
+                    digests.update(model=model_digest(model), batches=batches_digest(batches))
+                key = stats_key(digests["model"], digests["batches"], pass_groups, need_gradients=need_gradients,
+                                stats_dtype=stats_dtype, mask_key=mask_key, loss_fn=loss_fn,
+                                loss_normalizer=loss_normalizer)
+                stats = cache.cached(key, measure,
+                                     map_location=torch.device("cpu") if offload_to_cpu else device)
             peak_stats_bytes = max(peak_stats_bytes, stats.nbytes())
         return Decompositions(stats, stats_mode, damping, compute_dtype=compute_dtype, eig_method=eig_method)
 
@@ -293,6 +314,8 @@ def compress_model(
             "peak_stats_bytes": peak_stats_bytes, "stats_dtype": str(stats_dtype).replace("torch.", ""),
             "stages_s": {stage: round(seconds, 4) for stage, seconds in clock.seconds.items()},
             "fp64_fallbacks": fallbacks}
+    if cache is not None:
+        info["stats_cache"] = {"dir": str(cache.directory), "hits": cache.hits, "misses": cache.misses}
     for target, _ in results:
         target.jactus_compress_stats = info
     return results[0] if single else results

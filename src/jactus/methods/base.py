@@ -49,6 +49,7 @@ class CalibSettings:
     park_layers_on_cpu: bool = False
     compute_dtype: str = "auto"
     eig_method: str = "auto"
+    stats_cache: str | None = None  # a directory of cached statistics (core.stats_cache); None: calibrate every run
 
     def __post_init__(self):
         choice(self.stats_dtype, list(STATS_DTYPES), "calib.stats_dtype")
@@ -57,6 +58,8 @@ class CalibSettings:
         for key in ("offload_to_cpu", "park_layers_on_cpu"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"calib.{key}={getattr(self, key)!r}: expected true or false")
+        if self.stats_cache is not None and (not isinstance(self.stats_cache, str) or not self.stats_cache.strip()):
+            raise ValueError(f"calib.stats_cache={self.stats_cache!r}: expected a directory path or null")
         if not (isinstance(self.max_stats_bytes, str) and self.max_stats_bytes.strip().lower() == "auto"):
             try:
                 resolve_max_stats_bytes(self.max_stats_bytes)
@@ -73,7 +76,8 @@ class CalibSettings:
         """Keyword arguments of `compress_model`."""
         return {"max_stats_bytes": self.max_stats_bytes, "stats_dtype": STATS_DTYPES[self.stats_dtype],
                 "offload_to_cpu": self.offload_to_cpu, "park_layers_on_cpu": self.park_layers_on_cpu,
-                "compute_dtype": COMPUTE_DTYPES[self.compute_dtype], "eig_method": self.eig_method}
+                "compute_dtype": COMPUTE_DTYPES[self.compute_dtype], "eig_method": self.eig_method,
+                "stats_cache": self.stats_cache}
 
 
 class Method:

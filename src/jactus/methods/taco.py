@@ -26,6 +26,7 @@ distilled from the dense model (section 9).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 
@@ -47,6 +48,8 @@ from .base import (
     set_trainable,
 )
 from .compress_then_adapt import calibration_batches
+
+log = logging.getLogger("jactus")
 
 MASK = "prune_mask"
 
@@ -92,6 +95,9 @@ class Taco(Method):
         self.targets = list(targets) if targets else None
         self.mask_key = mask_key
         self.calib = CalibSettings.from_config(calib)
+        if self.calib.stats_cache is not None:  # said, not silently dropped: TACO's Hessians are its own pass
+            log.warning("calib.stats_cache=%s is not used by taco (it measures its own input Hessians, "
+                        "not the factorizing methods' statistics); the run calibrates as usual", self.calib.stats_cache)
         self.head_names: list[str] = []
         self.shapes: dict[str, tuple[int, int]] = {}  # pruned linear -> (out, in)
         self.nnz: dict[str, int] = {}  # pruned linear -> kept weights
