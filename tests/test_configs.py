@@ -74,3 +74,13 @@ def test_users_add_their_own_configs(how, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     job = OmegaConf.create(result.stdout)
     assert job.experiment_name == "my_table" and job.seed == 7 and job.method._target_.endswith("LoRA")
+
+
+def test_calib_loss_sequence_is_for_language_models(compose_cfg):
+    from jactus.utils.run import build_run
+
+    cfg = compose_cfg(["model=vit_tiny_test", "data=synthetic_vision", "calib.loss=sequence"])
+    with pytest.raises(ValueError, match=r"calib.loss='sequence' is for causal-LM QA"):
+        build_run(cfg)
+    cfg = compose_cfg(["model=llama_tiny_test", "data=synthetic_qa", "calib.loss=sequence"])
+    assert build_run(cfg).module.calib_loss == "sequence"

@@ -216,3 +216,26 @@ def test_evaluate_keeps_per_item_results_with_stable_ids():
         mine = [r for r in records if r["task"] == task]
         assert metrics[f"test/acc_{task}"] == pytest.approx(100 * sum(r["correct"] for r in mine) / 3)
         assert metrics[f"test/nll_{task}"] == pytest.approx(sum(r["nll"] for r in mine) / 3, rel=1e-6)
+
+
+def test_sequence_calibration_loss_is_the_summed_lm_loss_over_every_real_token():
+    from jactus.core.calibration import default_loss_normalizer
+    from jactus.core.stats_cache import _qualname
+
+    model = _model()
+    input_ids, attention_mask, labels = _batch(model.config.vocab_size, seed=2)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    task, sequence = CausalLMQA(model), CausalLMQA(model, calib_loss="sequence")
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    real = attention_mask[:, 1:].bool()
+    summed = F.cross_entropy(logits[real], input_ids[:, 1:][real], reduction="sum")
+    # calibrate multiplies by the answer-token count: the statistics are those of the summed loss on every token
+    scaled = sequence.calibration_loss(model, batch) * default_loss_normalizer(batch)
+    torch.testing.assert_close(scaled, summed, rtol=1e-5, atol=1e-4)
+    assert real.sum() > (labels[:, 1:] != -100).sum()  # more gradient rows than the answers give
+    torch.testing.assert_close(task.calibration_loss(model, batch), task.loss_and_logits(model, batch)[0])
+    # the statistics cache tells the two losses apart
+    assert _qualname(task.calibration_loss) != _qualname(sequence.calibration_loss)
+    with pytest.raises(ValueError, match=r"calib.loss='prompt': expected one of \['task', 'sequence'\]"):
+        CausalLMQA(model, calib_loss="prompt")

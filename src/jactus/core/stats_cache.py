@@ -9,8 +9,9 @@ depend on and loads them when a run with the same key has written them:
   differently, another checkpoint or another dtype is another key);
 - every calibration batch (tensors by content, other values by repr);
 - the pass's target layers and shared-input groups, whether gradients are taken, the statistics' dtype, the mask key,
-  and the loss function's and loss normalizer's qualified names (a loss with hidden settings must not share a
-  directory with another loss of the same name).
+  and the loss function's and loss normalizer's qualified names (a bound method's object can name its settings in
+  `calibration_loss_key`, as `CausalLMQA` does for `calib.loss=sequence`; a loss with other hidden settings must not
+  share a directory with another loss of the same name).
 
 A hit returns exactly the statistics the first run measured, so the run is the same as without the cache (the
 statistics are deterministic on the CPU; on a GPU they equal a recalibration up to summation order). Files are
@@ -81,10 +82,14 @@ def batches_digest(batches: Iterable) -> str:
 
 
 def _qualname(fn: Callable | None) -> str:
+    """The function's qualified name, and for a bound method the `calibration_loss_key` of its object when it has
+    one (a task module whose calibration loss has settings, e.g. `calib.loss=sequence`)."""
     if fn is None:
         return "None"
+    setting = getattr(getattr(fn, "__self__", None), "calibration_loss_key", None)
     fn = getattr(fn, "__func__", fn)
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    return name if setting is None else f"{name}[{setting}]"
 
 
 def stats_key(model_hash: str, batches_hash: str, groups: Sequence[Sequence[str]], *, need_gradients: bool,

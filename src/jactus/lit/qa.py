@@ -25,17 +25,22 @@ from .base import TaskModule
 
 log = logging.getLogger("jactus")
 SCORINGS = ("shared_prefix", "full")
+CALIB_LOSSES = ("task", "sequence")
 
 
 class CausalLMQA(TaskModule):
     family = "causal_lm"
 
-    def __init__(self, model, task_names: Sequence[str] = (), scoring: str = "shared_prefix", **kwargs):
+    def __init__(self, model, task_names: Sequence[str] = (), scoring: str = "shared_prefix",
+                 calib_loss: str = "task", **kwargs):
         super().__init__(model, **kwargs)
         if scoring not in SCORINGS:
             raise ValueError(f"scoring={scoring!r}: expected one of {list(SCORINGS)}")
+        if calib_loss not in CALIB_LOSSES:
+            raise ValueError(f"calib.loss={calib_loss!r}: expected one of {list(CALIB_LOSSES)}")
         self._task_names = list(task_names)
         self.scoring = scoring
+        self.calib_loss = calib_loss
 
     @property
     def task_names(self) -> list[str]:
@@ -46,6 +51,25 @@ class CausalLMQA(TaskModule):
         vocabulary-sized head on the unlabelled prompt positions (see `labelled_logits`)."""
         logits, targets, rows = labelled_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         return F.cross_entropy(logits.float(), targets), logits, rows
+
+    @property
+    def calibration_loss_key(self) -> str | None:
+        """What the statistics cache adds to this loss's name (None: the task loss)."""
+        return None if self.calib_loss == "task" else self.calib_loss
+
+    def calibration_loss(self, model, batch) -> torch.Tensor:
+        """The loss whose output gradients calibration measures (`calib.loss`). "task": the training loss (the answer
+        tokens). "sequence": next-token cross-entropy over every real token, prompt and answer -- far more gradient
+        rows per item (a prompt is tens of tokens, an answer a few), at the price of directions the task's loss does
+        not weigh. It is returned as the summed loss divided by the answer-token count that `calibrate`'s default
+        normaliser multiplies back, so the statistics are those of the summed loss over the calibration set."""
+        if self.calib_loss == "task":
+            return super().calibration_loss(model, batch)
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        every_token = input_ids.masked_fill(attention_mask == 0, -100)
+        logits, targets, _ = labelled_logits(model, input_ids, attention_mask, every_token)
+        total = F.cross_entropy(logits.float(), targets, reduction="sum")
+        return total / max(int((batch["labels"][:, 1:] != -100).sum()), 1)
 
     def score_batch(self, batch) -> dict[str, torch.Tensor]:
         scores = choice_scores(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],

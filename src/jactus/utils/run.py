@@ -53,9 +53,14 @@ def build_run(cfg: DictConfig) -> Run:
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     optim.pop("lr_by_method", None)
     optim["lr"] = learning_rate(cfg)
+    calib_loss = (cfg.get("calib") or {}).get("loss", "task")
     if cfg.model.family == "causal_lm":
-        module = CausalLMQA(loaded.model, task_names=datamodule.task_names, head_names=loaded.head_names, **optim)
+        module = CausalLMQA(loaded.model, task_names=datamodule.task_names, head_names=loaded.head_names,
+                            calib_loss=calib_loss, **optim)
     else:
+        if calib_loss != "task":
+            raise ValueError(f"calib.loss={calib_loss!r} is for causal-LM QA; a vision model calibrates with its "
+                             f"classification loss: set calib.loss=task")
         module = ImageClassifier(loaded.model, head_names=loaded.head_names, **optim)
     return Run(loaded, datamodule, module)
 
