@@ -356,3 +356,11 @@ def test_gaps_without_item_files_say_so(sweep, tmp_path):
     assert "Items per cell: unknown (no run of this table wrote per-item results, items.jsonl.gz)" in markdown
     assert "No per-item results (items.jsonl.gz) for: jactus@0.8 (seed 0), lora (seed 0)" in markdown
     assert "[" not in markdown[markdown.index("### Gaps"):].split("\n\n")[2]  # no interval in the gap table
+
+
+def test_gap_labels_of_rows_split_by_several_keys_keep_their_commas():
+    ref, others = report.parse_gaps("jactus@0.8 (method.rho=0, calib.num_samples=512):"
+                                    "jactus@0.8 (method.rho=0.25, calib.num_samples=128),lora")
+    assert ref == "jactus@0.8 (method.rho=0, calib.num_samples=512)"
+    assert others == ["jactus@0.8 (method.rho=0.25, calib.num_samples=128)", "lora"]
+    assert report.parse_gaps("a:b, c") == ("a", ["b", "c"])

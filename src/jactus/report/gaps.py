@@ -22,10 +22,22 @@ class GapsError(ValueError):
     """A malformed `--gaps` spec or a label that is not a row of a table."""
 
 
+def _split_top_level(text: str) -> list[str]:
+    """`text` split at the commas outside parentheses: rows split by several keys are labelled
+    "jactus@0.8 (method.rho=0, calib.num_samples=512)", one label with a comma inside."""
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(text[start:index])
+            start = index + 1
+    return [*parts, text[start:]]
+
+
 def parse_gaps(spec: str) -> tuple[str, list[str]]:
-    """`"REF:OTHER[,OTHER...]"` -> (REF, [OTHER, ...])."""
+    """`"REF:OTHER[,OTHER...]"` -> (REF, [OTHER, ...]); commas inside a label's parentheses stay in the label."""
     ref, colon, others = spec.partition(":")
-    ref, other_labels = ref.strip(), [other.strip() for other in others.split(",") if other.strip()]
+    ref, other_labels = ref.strip(), [other.strip() for other in _split_top_level(others) if other.strip()]
     if not colon or not ref or not other_labels:
         raise GapsError(f"--gaps {spec!r}: expected REF:OTHER[,OTHER...], e.g. jactus@0.8:lora,dora")
     return ref, other_labels
