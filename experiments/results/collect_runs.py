@@ -1,5 +1,6 @@
 """Copy the small, reviewable part of sweep runs into experiments/results: each run's summary.json and its
-.hydra/{config,overrides}.yaml (the exact configuration and command-line overrides), nothing else (no checkpoints,
+.hydra/{config,overrides}.yaml (the exact configuration and command-line overrides) and items.jsonl.gz (per-item
+results, 20 KB: what the reports' bootstrap intervals resample), nothing else (no checkpoints,
 no weights, no logs).
 
     python experiments/results/collect_runs.py SWEEP_DIR DEST_DIR
@@ -11,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-KEEP = ("summary.json", ".hydra/config.yaml", ".hydra/overrides.yaml")
+KEEP = ("summary.json", "items.jsonl.gz", ".hydra/config.yaml", ".hydra/overrides.yaml")
 
 
 def collect(source: Path, dest: Path) -> int:

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue 19 item 3 at CPU scale: JACTUS@0.8 settings on SmolLM2-135M / commonsense8, chosen on the validation split
+# (20 items a task, 160 questions; test=false, so no test item is scored), 50 steps of batch 8, seeds 0 and 1.
+# The split is the item-4 table's (150 test items a task first, then the 20 validation items, then 64 training
+# items), so the settings chosen here are never tuned on that table's test items. evaluate_before=true also scores
+# the compressed model before fine-tuning. calib.stats_cache: the runs of one seed that differ only after
+# calibration (rho, distillation, lr) share one calibration per calibration size.
+# Two jobs at a time, one thread each, resumable (experiments/results/run_jobs.sh):
+#   experiments/results/offline_llama/validation/run.sh [STAGE]     # STAGE: grid (default) | followup
+set -u
+cd "$(dirname "$0")/../../../.."
+export LOG=${LOG:-logs/val3}
+export COMMON="experiment=offline_llama logger=csv trainer.enable_checkpointing=false data.module.test_per_task=150 \
+data.module.val_per_task=20 trainer.max_steps=50 test=false evaluate_before=true variant=jactus_0.8 \
+calib.stats_cache=logs/stats_cache"
+case ${1:-grid} in
+  grid) cat <<'JOBS' ;;
+r0.25_c128_s0 method.rho=0.25 calib.num_samples=128 seed=0
+r0.25_c512_s0 method.rho=0.25 calib.num_samples=512 seed=0
+r0_c128_s0 method.rho=0.0 calib.num_samples=128 seed=0
+r0.25_c128_s1 method.rho=0.25 calib.num_samples=128 seed=1
+r0.25_c512_s1 method.rho=0.25 calib.num_samples=512 seed=1
+r0_c128_s1 method.rho=0.0 calib.num_samples=128 seed=1
+r0_c512_s0 method.rho=0.0 calib.num_samples=512 seed=0
+r0_c512_s1 method.rho=0.0 calib.num_samples=512 seed=1
+r0.1_c128_s0 method.rho=0.1 calib.num_samples=128 seed=0
+r0.1_c128_s1 method.rho=0.1 calib.num_samples=128 seed=1
+seq_r0.25_c128_s0 method.rho=0.25 calib.num_samples=128 calib.loss=sequence seed=0
+seq_r0.25_c128_s1 method.rho=0.25 calib.num_samples=128 calib.loss=sequence seed=1
+JOBS
+  *) echo "unknown stage ${1}: expected grid or followup" >&2; exit 2 ;;
+esac | experiments/results/run_jobs.sh

@@ -1,0 +1,66 @@
+"""The validation study's table (issue 19 item 3): per JACTUS setting, before and after fine-tuning, the validation
+split's NLL and accuracy, mean and per seed. Reads every summary.json under the given folders.
+    python experiments/results/offline_llama/validation/table.py experiments/results/offline_llama/validation/runs
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+KEYS = (("method.rho", "rho"), ("calib.num_samples", "calib"), ("calib.loss", "calib loss"),
+        ("distill.weight", "distill"), ("lr", "lr"))
+
+
+def setting(run: Path, summary: dict) -> tuple:
+    config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+
+    def get(dotted):
+        if dotted == "lr":
+            return summary.get("lr")
+        value = config
+        for part in dotted.split("."):
+            value = (value or {}).get(part)
+        return "task" if dotted == "calib.loss" and value is None else value  # runs from before the option
+    return tuple(get(key) for key, _ in KEYS)
+
+
+def fmt(values: list[float], digits: int) -> str:
+    if not values:
+        return "—"
+    mean = f"{statistics.fmean(values):.{digits}f}"
+    return mean if len(values) < 2 else f"{mean} ± {statistics.stdev(values):.{digits}f}"
+
+
+def main(dirs: list[str]) -> None:
+    rows: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for directory in dirs:
+        for path in sorted(Path(directory).rglob("summary.json")):
+            summary = json.loads(path.read_text())
+            if summary.get("status") not in (None, "ok", "completed"):
+                continue
+            rows[setting(path.parent, summary)][summary["seed"]] = summary
+    header = [label for _, label in KEYS] + ["seeds", "before: val NLL", "before: acc", "val NLL", "val acc",
+                                             "val NLL per seed"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join(["---:"] * len(header)) + "|")
+    for key in sorted(rows, key=lambda k: tuple(str(v) for v in k)):
+        runs = rows[key]
+        seeds = sorted(runs)
+        before = [(runs[s].get("metrics_before") or {}).get("method", {}) for s in seeds]
+        after = [runs[s]["metrics"] for s in seeds]
+        cells = [str(v) for v in key] + [",".join(map(str, seeds)),
+                                         fmt([b["val/nll"] for b in before if "val/nll" in b], 3),
+                                         fmt([b["val/acc"] for b in before if "val/acc" in b], 1),
+                                         fmt([a["val/nll"] for a in after], 3), fmt([a["val/acc"] for a in after], 1),
+                                         " ".join(f"{a['val/nll']:.3f}" for a in after)]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["experiments/results/offline_llama/validation/runs"])
