@@ -28,5 +28,15 @@ r0.1_c128_s1 method.rho=0.1 calib.num_samples=128 seed=1
 seq_r0.25_c128_s0 method.rho=0.25 calib.num_samples=128 calib.loss=sequence seed=0
 seq_r0.25_c128_s1 method.rho=0.25 calib.num_samples=128 calib.loss=sequence seed=1
 JOBS
+  followup) cat <<'JOBS' ;;
+kd0.5_r0_c512_s0 method.rho=0.0 calib.num_samples=512 distill.weight=0.5 seed=0
+kd0.5_r0_c512_s1 method.rho=0.0 calib.num_samples=512 distill.weight=0.5 seed=1
+kd1_r0_c512_s0 method.rho=0.0 calib.num_samples=512 distill.weight=1.0 seed=0
+kd1_r0_c512_s1 method.rho=0.0 calib.num_samples=512 distill.weight=1.0 seed=1
+lr1e-3_r0_c512_s0 method.rho=0.0 calib.num_samples=512 optim.lr=1e-3 seed=0
+lr1e-3_r0_c512_s1 method.rho=0.0 calib.num_samples=512 optim.lr=1e-3 seed=1
+lr2.5e-4_r0_c512_s0 method.rho=0.0 calib.num_samples=512 optim.lr=2.5e-4 seed=0
+lr2.5e-4_r0_c512_s1 method.rho=0.0 calib.num_samples=512 optim.lr=2.5e-4 seed=1
+JOBS
   *) echo "unknown stage ${1}: expected grid or followup" >&2; exit 2 ;;
 esac | experiments/results/run_jobs.sh
