@@ -84,3 +84,16 @@ def test_calib_loss_sequence_is_for_language_models(compose_cfg):
         build_run(cfg)
     cfg = compose_cfg(["model=llama_tiny_test", "data=synthetic_qa", "calib.loss=sequence"])
     assert build_run(cfg).module.calib_loss == "sequence"
+
+
+def test_jactus_rho_is_set_per_experiment_and_overridable(compose_cfg):
+    from omegaconf import OmegaConf
+
+    def rho(overrides):
+        return OmegaConf.to_container(compose_cfg(overrides).method, resolve=True)["rho"]
+
+    assert rho(["variant=jactus_0.8"]) == 0.25
+    assert rho(["experiment=offline_llama", "variant=jactus_0.8"]) == 0.0  # chosen on validation (issue 19)
+    assert rho(["experiment=offline_llama", "method=jactus_palette"]) == 0.0
+    assert rho(["experiment=offline_llama", "variant=jactus_0.8", "method.rho=0.1"]) == 0.1
+    assert compose_cfg(["experiment=offline_llama"]).calib.num_samples == 512
