@@ -19,39 +19,17 @@ LOG=${LOG:-experiments/results/palette/logs_tmp}
 EXPERIMENT=${EXPERIMENT:-offline_vit}   # offline_llama: the SmolLM2 half (LR=5e-4, its experiment's JACTUS rate)
 LR=${LR:-1e-4}
 PALETTE="[$(echo $BUDGETS | tr ' ' ',')]"
-P=${P:-2}   # jobs at once; several instances may share LOG (a job is claimed by mkdir $LOG/<name>.lock)
-BIN=${BIN:-.venv/bin/jactus-train}
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-COMMON=(experiment=$EXPERIMENT hydra.mode=RUN optim.lr=$LR evaluate_before=false logger=csv
-        trainer.enable_checkpointing=false trainer.max_epochs=100 paths.log_dir=$LOG)
+export LOG P=${P:-2}   # jobs at once; several instances may share LOG (experiments/results/run_jobs.sh claims each job)
+export COMMON="experiment=$EXPERIMENT optim.lr=$LR evaluate_before=false logger=csv trainer.enable_checkpointing=false \
+trainer.max_epochs=100"
 
-jobs_list=()
 for seed in $SEEDS; do
   for row in $ROWS; do
     case $row in
-      palette) jobs_list+=("palette_s${seed}_n${N}|method=jactus_palette 'method.palette=$PALETTE' trainer.max_steps=$N seed=$seed") ;;
-      palette_uniform) jobs_list+=("palette_uniform_s${seed}_n${N}|method=jactus_palette 'method.palette=$PALETTE' method.sampling=uniform trainer.max_steps=$N seed=$seed") ;;
-      indep_n) for b in $BUDGETS; do jobs_list+=("jactus${b}_s${seed}_n${N}|method=jactus budget.ratio=$b trainer.max_steps=$N seed=$seed"); done ;;
-      indep_q) for b in $BUDGETS; do jobs_list+=("jactus${b}_s${seed}_n${Q}|method=jactus budget.ratio=$b trainer.max_steps=$Q seed=$seed"); done ;;
+      palette) echo "palette_s${seed}_n${N} method=jactus_palette 'method.palette=$PALETTE' trainer.max_steps=$N seed=$seed" ;;
+      palette_uniform) echo "palette_uniform_s${seed}_n${N} method=jactus_palette 'method.palette=$PALETTE' method.sampling=uniform trainer.max_steps=$N seed=$seed" ;;
+      indep_n) for b in $BUDGETS; do echo "jactus${b}_s${seed}_n${N} method=jactus budget.ratio=$b trainer.max_steps=$N seed=$seed"; done ;;
+      indep_q) for b in $BUDGETS; do echo "jactus${b}_s${seed}_n${Q} method=jactus budget.ratio=$b trainer.max_steps=$Q seed=$seed"; done ;;
     esac
   done
-done
-
-run_one() {
-  local name=${1%%|*} args=${1#*|}
-  if [ -f "$LOG/$name/summary.json" ]; then echo "skip $name (done)"; return; fi
-  mkdir -p "$LOG"
-  mkdir "$LOG/$name.lock" 2>/dev/null || { echo "skip $name (claimed by another instance)"; return; }
-  mkdir -p "$LOG/$name"
-  local t0=$(date +%s)
-  eval "$BIN ${COMMON[*]} hydra.run.dir=$LOG/$name $args" > "$LOG/$name.out" 2>&1
-  local rc=$?
-  echo "$name rc=$rc wall_s=$(( $(date +%s) - t0 ))" | tee -a "$LOG/walltimes.txt"
-  [ -f "$LOG/$name/summary.json" ] || rmdir "$LOG/$name.lock"   # a failed job can be claimed again by a rerun
-}
-
-for job in "${jobs_list[@]}"; do
-  while [ "$(jobs -rp | wc -l)" -ge "$P" ]; do wait -n; done
-  run_one "$job" &
-done
-wait
+done | experiments/results/run_jobs.sh
