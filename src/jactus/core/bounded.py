@@ -208,9 +208,10 @@ def compress_model(
     clock = _StageClock(device)
     peak_stats_bytes = 0
     cache = StatsCache(stats_cache) if stats_cache is not None and need_stats else None
-    digests: dict[str, str] = {}
 
     with clock("phase1_calibrate"):
+        # the model stays dense and unchanged until every pass is done: one hash of it and of the batches serves all
+        digests = (model_digest(model), batches_digest(batches)) if cache is not None else None
         groups = _input_groups(model, modules, batches, loss_fn, device) if need_stats else [[n] for n in modules]
     passes = split_passes(groups, modules, need_gradients, max_stats_bytes if need_stats else None, stats_dtype)
     pass_bytes = [sum(stats_bytes(group, modules, need_gradients, stats_dtype) for group in pass_groups)
@@ -230,9 +231,7 @@ def compress_model(
             if cache is None:
                 stats = measure()
             else:
-                if not digests:  # the model is dense and unchanged until every pass is done: hash it once
-                    digests.update(model=model_digest(model), batches=batches_digest(batches))
-                key = stats_key(digests["model"], digests["batches"], pass_groups, need_gradients=need_gradients,
+                key = stats_key(*digests, pass_groups, need_gradients=need_gradients,
                                 stats_dtype=stats_dtype, mask_key=mask_key, loss_fn=loss_fn,
                                 loss_normalizer=loss_normalizer)
                 stats = cache.cached(key, measure,
