@@ -65,17 +65,21 @@ def set_trainable(
 
 
 def train_cores(model: nn.Module, head_names: Sequence[str] = (),
-                keep_trainable: Sequence[str] = KEEP_TRAINABLE) -> nn.Module:
+                keep_trainable: Sequence[str] = KEEP_TRAINABLE,
+                also: Callable[[str, nn.Parameter], bool] | None = None) -> nn.Module:
     """The cores of every `FactorizedLinear` train, with (per `keep_trainable`) their biases ("bias") and the norm
-    layers ("norm"), plus the `head_names` modules; all else is frozen; trainable tensors become fp32."""
+    layers ("norm"), plus the `head_names` modules and the parameters `also` selects (e.g. adapters on the targets a
+    plan kept dense); all else is frozen; trainable tensors become fp32."""
     keep = check_keep_trainable(keep_trainable)
     factorized = {name for name, module in model.named_modules() if isinstance(module, FactorizedLinear)}
 
-    def core_or_bias(name: str, _) -> bool:
+    def core_or_bias(name: str, param: nn.Parameter) -> bool:
         layer, _, leaf = name.rpartition(".")
         if leaf == "values" and layer.endswith(".sparse") and layer[: -len(".sparse")] in factorized:
             return True  # a sparse correction's values train with the cores (core.sparse)
-        return layer in factorized and (leaf == "C" or (leaf == "bias" and "bias" in keep))
+        if layer in factorized and (leaf == "C" or (leaf == "bias" and "bias" in keep)):
+            return True
+        return also is not None and also(name, param)
 
     set_trainable(model, head_names=head_names, norms="norm" in keep, extra=core_or_bias)
     return model

@@ -6,7 +6,8 @@
 # the compressed model before fine-tuning. calib.stats_cache: the runs of one seed that differ only after
 # calibration (rho, distillation, lr) share one calibration per calibration size.
 # Two jobs at a time, one thread each, resumable (experiments/results/run_jobs.sh):
-#   experiments/results/offline_llama/validation/run.sh [STAGE]     # STAGE: grid (default) | followup
+#   experiments/results/offline_llama/validation/run.sh [STAGE]     # STAGE: grid (default) | followup | item5
+# item5 (issue 19 item 5): LoRA (r 16, alpha 32: the lora row's adapter) on the targets the plan keeps dense.
 set -u
 cd "$(dirname "$0")/../../../.."
 export LOG=${LOG:-logs/val3}
@@ -38,5 +39,9 @@ lr1e-3_r0_c512_s1 method.rho=0.0 calib.num_samples=512 optim.lr=1e-3 seed=1
 lr2.5e-4_r0_c512_s0 method.rho=0.0 calib.num_samples=512 optim.lr=2.5e-4 seed=0
 lr2.5e-4_r0_c512_s1 method.rho=0.0 calib.num_samples=512 optim.lr=2.5e-4 seed=1
 JOBS
-  *) echo "unknown stage ${1}: expected grid or followup" >&2; exit 2 ;;
+  item5) cat <<'JOBS' ;;
+da16_r0_c512_s0 method.rho=0.0 calib.num_samples=512 method.dense_adapter_r=16 method.dense_adapter_alpha=32 seed=0
+da16_r0_c512_s1 method.rho=0.0 calib.num_samples=512 method.dense_adapter_r=16 method.dense_adapter_alpha=32 seed=1
+JOBS
+  *) echo "unknown stage ${1}: expected grid, followup or item5" >&2; exit 2 ;;
 esac | experiments/results/run_jobs.sh
