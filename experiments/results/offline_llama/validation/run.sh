@@ -7,7 +7,10 @@
 # calibration (rho, distillation, lr) share one calibration per calibration size.
 # Two jobs at a time, one thread each, resumable (experiments/results/run_jobs.sh):
 #   experiments/results/offline_llama/validation/run.sh [STAGE]     # STAGE: grid (default) | followup | item5
-# item5 (issue 19 item 5): LoRA (r 16, alpha 32: the lora row's adapter) on the targets the plan keeps dense.
+# item5 (issue 19 item 5): LoRA (r 16, alpha 32: the lora row's adapter) on the targets the plan keeps dense; LoRA
+# itself on this protocol (the reference); JACTUS at budgets 0.9 and 0.95 (how much of the gap is the compression
+# itself); the cores at half the rate over the table's 150 steps (the 150-step run fits its training batches better
+# than LoRA but is worse on validation).
 set -u
 cd "$(dirname "$0")/../../../.."
 export LOG=${LOG:-logs/val3}
@@ -42,6 +45,12 @@ JOBS
   item5) cat <<'JOBS' ;;
 da16_r0_c512_s0 method.rho=0.0 calib.num_samples=512 method.dense_adapter_r=16 method.dense_adapter_alpha=32 seed=0
 da16_r0_c512_s1 method.rho=0.0 calib.num_samples=512 method.dense_adapter_r=16 method.dense_adapter_alpha=32 seed=1
+lora_s0 variant=lora seed=0
+lora_s1 variant=lora seed=1
+b0.95_r0_c512_s0 method.rho=0.0 calib.num_samples=512 budget.ratio=0.95 seed=0
+lr2.5e-4_150steps_r0_c512_s0 method.rho=0.0 calib.num_samples=512 optim.lr=2.5e-4 trainer.max_steps=150 seed=0
+b0.95_r0_c512_s1 method.rho=0.0 calib.num_samples=512 budget.ratio=0.95 seed=1
+b0.9_r0_c512_s0 method.rho=0.0 calib.num_samples=512 budget.ratio=0.9 seed=0
 JOBS
   *) echo "unknown stage ${1}: expected grid, followup or item5" >&2; exit 2 ;;
 esac | experiments/results/run_jobs.sh
