@@ -51,6 +51,7 @@ b0.95_r0_c512_s0 method.rho=0.0 calib.num_samples=512 budget.ratio=0.95 seed=0
 lr2.5e-4_150steps_r0_c512_s0 method.rho=0.0 calib.num_samples=512 optim.lr=2.5e-4 trainer.max_steps=150 seed=0
 b0.95_r0_c512_s1 method.rho=0.0 calib.num_samples=512 budget.ratio=0.95 seed=1
 b0.9_r0_c512_s0 method.rho=0.0 calib.num_samples=512 budget.ratio=0.9 seed=0
+b0.9_r0_c512_s1 method.rho=0.0 calib.num_samples=512 budget.ratio=0.9 seed=1
 JOBS
   *) echo "unknown stage ${1}: expected grid, followup or item5" >&2; exit 2 ;;
 esac | experiments/results/run_jobs.sh
