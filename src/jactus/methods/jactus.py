@@ -40,7 +40,8 @@ class Jactus(LowRankMethod):
     frozen) puts a LoRA adapter (HF PEFT, rank `dense_adapter_r`, scale `dense_adapter_alpha / r`, no dropout) on
     every target the plan kept dense, trained with the cores; `export` merges it into the dense weight, so the
     deployed size does not change. Motivation (issue 19 item 5): at budget 0.8 on SmolLM2, 53 of 210 targets (every
-    `v_proj` among them) stay dense and would otherwise never adapt to the task.
+    `v_proj` among them) stay dense and would otherwise never adapt to the task; there r16 moved the validation NLL
+    by -0.01 (experiments/results/offline_llama/validation, "Item 5"), so it is off by default.
     """
 
     def __init__(
