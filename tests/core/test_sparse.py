@@ -123,18 +123,25 @@ def test_jactus_sparse_share_meets_the_budget_trains_and_round_trips(tmp_path):
     assert summary["nnz"] == nnz and summary["index_bytes_csr_int32"] > 0
 
 
-def test_jactus_sparse_structure_rebuilds_for_resume():
+def assert_jactus_rebuilds_for_resume(options: dict, train=None) -> None:
+    """A `Jactus(**options)` model (optionally trained by `train(model, batches)`) and the model its structure rebuilds
+    from a fresh backbone, with the first's state loaded: the same logits and the same trainable parameters."""
     model, batches = _llama_setup()
-    method = Jactus(budget=0.7, rank_multiple=1, sparse_share=0.1)
+    method = Jactus(**options)
     model = method.apply(MethodContext(model=model, loss_fn=_loss, calibration_batches=batches, family="causal_lm"))
+    if train is not None:
+        train(model, batches)
     state = model.state_dict()
     fresh, _ = _llama_setup()
-    again = Jactus(budget=0.7, rank_multiple=1, sparse_share=0.1)
-    fresh = again.rebuild(fresh, method.structure())
+    fresh = Jactus(**options).rebuild(fresh, method.structure())
     fresh.load_state_dict(state)
     torch.testing.assert_close(_logits(fresh, batches), _logits(model, batches))
     trainable = {n for n, p in fresh.named_parameters() if p.requires_grad}
     assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_jactus_sparse_structure_rebuilds_for_resume():
+    assert_jactus_rebuilds_for_resume(dict(budget=0.7, rank_multiple=1, sparse_share=0.1))
 
 
 @pytest.mark.parametrize("share,match", [(1.0, r"sparse_share=1.0.*\[0, 1\)"), (-0.1, r"sparse_share=-0.1"),

@@ -11,7 +11,7 @@ from jactus.core import count_params, load_compact, save_compact
 from jactus.methods import MethodContext
 from jactus.methods.jactus import Jactus
 
-from ..core.test_sparse import _llama_setup, _logits, _loss
+from ..core.test_sparse import _llama_setup, _logits, _loss, assert_jactus_rebuilds_for_resume
 
 
 def _apply(method: Jactus):
@@ -63,17 +63,8 @@ def test_dense_targets_get_adapters_that_train_and_merge_into_the_deployed_size(
 
 
 def test_dense_adapter_structure_rebuilds_for_resume():
-    method = Jactus(budget=0.7, rank_multiple=1, dense_adapter_r=2)
-    model, batches = _apply(method)
-    _train(model, batches, steps=1)
-    state = model.state_dict()
-    fresh, _ = _llama_setup()
-    again = Jactus(budget=0.7, rank_multiple=1, dense_adapter_r=2)
-    fresh = again.rebuild(fresh, method.structure())
-    fresh.load_state_dict(state)
-    torch.testing.assert_close(_logits(fresh, batches), _logits(model, batches))
-    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {
-        n for n, p in model.named_parameters() if p.requires_grad}
+    assert_jactus_rebuilds_for_resume(dict(budget=0.7, rank_multiple=1, dense_adapter_r=2),
+                                      train=lambda model, batches: _train(model, batches, steps=1))
 
 
 @pytest.mark.parametrize("r,match", [(-1, r"dense_adapter_r=-1"), (True, r"dense_adapter_r=True"),

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import yaml
 
-KEYS = (("method", "method"), ("budget.ratio", "budget"), ("trainer.max_steps", "steps"), ("method.rho", "rho"), ("calib.num_samples", "calib"), ("calib.loss", "calib loss"),
-        ("distill.weight", "distill"), ("lr", "lr"), ("method.dense_adapter_r", "dense-target LoRA r"))
+KEYS = (("method", "method"), ("budget.ratio", "budget"), ("trainer.max_steps", "steps"), ("method.rho", "rho"),
+        ("calib.num_samples", "calib"), ("calib.loss", "calib loss"), ("distill.weight", "distill"), ("lr", "lr"),
+        ("method.dense_adapter_r", "dense-target LoRA r"))
 
 JACTUS_ONLY = {"budget.ratio", "method.rho", "calib.num_samples", "calib.loss", "method.dense_adapter_r"}
 DEFAULTS = {"calib.loss": "task", "method.dense_adapter_r": 0}
@@ -26,11 +27,11 @@ def setting(run: Path, summary: dict) -> tuple:
     def get(dotted):
         if dotted in ("lr", "method"):
             return summary.get(dotted)
+        if dotted in JACTUS_ONLY and not str(summary.get("method", "")).startswith("jactus"):
+            return None  # LoRA: 100%, no calibration
         value = config
         for part in dotted.split("."):
             value = (value or {}).get(part)
-        if dotted in JACTUS_ONLY and not str(summary.get("method", "")).startswith("jactus"):
-            return None  # LoRA: 100%, no calibration
         if value is None and dotted in DEFAULTS:
             return DEFAULTS[dotted]  # runs from before the option
         return value
