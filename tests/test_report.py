@@ -132,7 +132,8 @@ def test_gaps(sweep, tmp_path):
     markdown = (out / "report.md").read_text()
     section = markdown[markdown.index("### Gaps"):markdown.index("## Plots")]
     assert "| Ref | Other | cifar10 | dtd | eurosat | Avg. |" in section
-    assert "| lora | dora | +1.50 | +0.75 | +1.00 | +0.08 |" in section
+    # lora - dora pairs seed 0 only: cifar10 90 - 89.5, dtd 70 - 71.25 (not lora's 2-seed means 91 and 72)
+    assert "| lora | dora | +0.50 | -1.25 | +1.00 | +0.08 |" in section
     # jactus: dtd failed, eurosat and avg missing; cifar10 pairs seeds 0 and 1: 90 - 93 and 92 - 95, spread 0
     assert "| lora | jactus@0.8 | -3.00 ± 0.00 | — | — | — |" in section
     assert "| jactus@0.8 | lora | +3.00 ± 0.00 | — | — | — |" in section
@@ -200,6 +201,33 @@ def test_paired_gap_spread(tmp_path):
     assert gaps.gap("jactus@0.8", "lora", "cifar10") == pytest.approx(1.0)
     assert gaps.paired_std("jactus@0.8", "lora", "cifar10") == pytest.approx(1.0)  # stdev(1, 2, 0)
     assert gaps.text("jactus@0.8", "lora", "Avg.") == "+1.00 ± 1.00"
+
+
+def test_gap_pairs_only_the_seeds_both_rows_ran(tmp_path):
+    """JACTUS ran seeds 0-2, LoRA seeds 0-1: the gap is the mean of the two paired differences (the statistic the
+    interval is about), not JACTUS's 3-seed mean minus LoRA's 2-seed mean; rows sharing no seed say unpaired."""
+    root = tmp_path / "uneven"
+    for seed, acc in enumerate([80.0, 90.0, 40.0]):
+        _write(root, f"j/s{seed}", method="jactus", data="cifar10", seed=seed, acc=acc, budget=0.8, ratio=0.8)
+    for seed, acc in enumerate([79.0, 87.0]):  # differences 1 and 3
+        _write(root, f"l/s{seed}", method="lora", data="cifar10", seed=seed, acc=acc)
+    _write(root, "d/s7", method="dora", data="cifar10", seed=7, acc=60.0)
+    rep = report.write_report(root, tmp_path / "out", gaps=["jactus@0.8:lora,dora"])
+    (gaps,) = rep.gaps
+    assert gaps.gap("jactus@0.8", "lora", "cifar10") == pytest.approx(2.0)  # unpaired it would be 70 - 83 = -13
+    assert gaps.text("jactus@0.8", "lora", "cifar10") == "+2.00 ± 1.41"
+    assert gaps.gap("jactus@0.8", "dora", "cifar10") == pytest.approx(70.0 - 60.0)
+    assert gaps.text("jactus@0.8", "dora", "cifar10") == "+10.00 (unpaired)"
+    record = next(r for r in gaps.to_records() if r["other"] == "lora" and r["column"] == "cifar10")
+    assert record["gap"] == pytest.approx(2.0) and record["paired_seeds"] == 2
+
+
+def test_runs_without_a_seed_do_not_pair(tmp_path):
+    root = tmp_path / "unseeded"
+    _write(root, "j", method="jactus", data="cifar10", seed=None, acc=80.0, budget=0.8, ratio=0.8)
+    _write(root, "l", method="lora", data="cifar10", seed=None, acc=70.0)
+    rep = report.write_report(root, tmp_path / "out", gaps=["jactus@0.8:lora"])
+    assert rep.gaps[0].text("jactus@0.8", "lora", "cifar10") == "+10.00 (unpaired)"
 
 
 def test_rerun_of_a_seed_counts_once(tmp_path):

@@ -14,9 +14,10 @@ Writes to `--out` (default: the first sweep dir):
   rank_heatmap.png    per-layer ranks of the runs that carry a `rank_map` (grey = kept dense); skipped with a note
                       in report.md when none does.
   gaps.csv            with `--gaps REF:OTHER[,OTHER...]` (repeatable; labels as in the table's rows, e.g.
-                      "jactus@0.8", "lora"): per table a "Gaps" section in report.md, one row per OTHER, the mean of
-                      REF minus the mean of OTHER per column and on the average ("+1.23", "-0.40"; "—" where either
-                      is missing), "± s" where at least two seeds pair up: the sample std of the per-seed differences
+                      "jactus@0.8", "lora"): per table a "Gaps" section in report.md, one row per OTHER, the mean over
+                      the seeds both rows ran of REF minus OTHER per column and on the average ("+1.23", "-0.40";
+                      "—" where either is missing; the difference of the means marked "(unpaired)" where they share
+                      no seed), "± s" where at least two seeds pair up: the sample std of the per-seed differences
                       (a seed fixes the data split, so pairing removes the split's share of the noise); gaps.csv
                       holds the same in long format. A label that is not a row of a table fails
                       with a message listing that table's rows. Where the runs wrote per-item results
@@ -128,8 +129,9 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
         lines += [f"## {table.title}", "", table.to_markdown(), "", *_items_section(table)]
         if gap_tables:
             gap_table = gap_tables[index]
-            lines += ["### Gaps", "", f"Mean of Ref minus mean of Other (± sample std of the per-seed differences "
-                      f"where two or more seeds pair); {MISSING} where either is missing. [low, high] (n=N x S): "
+            lines += ["### Gaps", "", f"Mean over the seeds both rows ran of Ref minus Other (± sample std of the "
+                      f"per-seed differences where two or more seeds pair; the difference of the means, marked "
+                      f"unpaired, where they share no seed); {MISSING} where either is missing. [low, high] (n=N x S): "
                       f"{100 * level:g}% paired bootstrap interval ({resamples} resamples of items within each task "
                       f"and of seeds; the average resamples the items of every task) over N paired items per seed "
                       f"and S seeds, from the runs' per-item results; none where they are missing.", "",

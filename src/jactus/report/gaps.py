@@ -58,6 +58,12 @@ class GapTable:
     level: float = LEVEL
 
     def gap(self, ref: str, other: str, column: str) -> float | None:
+        """The mean over the seeds both rows ran of REF minus OTHER (equal to the difference of the rows' means when
+        they ran the same seeds, and the statistic the interval is about); the difference of the means where they
+        share no seed (`text` marks it unpaired)."""
+        differences = self.paired.get((ref, other, column), [])
+        if differences:
+            return statistics.fmean(differences)
         ref_mean, other_mean = self.means[(ref, column)], self.means[(other, column)]
         return None if ref_mean is None or other_mean is None else ref_mean - other_mean
 
@@ -71,6 +77,8 @@ class GapTable:
         if gap is None:
             return MISSING
         out = _signed(gap, self.digits)
+        if not self.paired.get((ref, other, column)):
+            return out + " (unpaired)"
         spread = self.paired_std(ref, other, column)
         if spread is not None:
             out += f" ± {spread:.{self.digits}f}"
@@ -96,6 +104,10 @@ class GapTable:
                  "paired_std": _number(self.paired_std(ref, other, column)),
                  **_interval_record(self.intervals.get((ref, other, column)), self.level)}
                 for ref, other in self.pairs for column in self.columns]
+
+
+def _unseeded(key) -> bool:
+    return isinstance(key, tuple) and key[:1] == ("run",)  # `Cell.by_seed`'s key for a run without a seed
 
 
 def _signed(value: float, digits: int) -> str:
@@ -155,8 +167,10 @@ def build_gaps(table: ResultTable, specs: list[tuple[str, list[str]]], resamples
     for ref, other in pairs:
         for column in columns:
             ref_seeds, other_seeds = table.cell(ref, column).by_seed(), table.cell(other, column).by_seed()
+            # A gap pairs seeds (a seed fixes the data split): a row with more seeds than the other contributes only
+            # the shared ones, so the gap and its interval describe the same runs. Runs without a seed never pair.
             paired[(ref, other, column)] = [ref_seeds[seed] - other_seeds[seed] for seed in ref_seeds
-                                            if seed in other_seeds]
+                                            if seed in other_seeds and not _unseeded(seed)]
     intervals, without = item_intervals(table, pairs, columns, resamples, level, seed)
     return GapTable(table.title, pairs, columns, means, table.digits, paired, intervals, without, level)
 
