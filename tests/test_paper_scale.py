@@ -57,12 +57,12 @@ def test_memory_options_reach_every_compressing_method(method, compose_cfg):
 
     cfg = compose_cfg([f"method={method}", "calib.max_stats_bytes=2GiB", "calib.stats_dtype=float32",
                        "calib.park_layers_on_cpu=true", "calib.compute_dtype=float32", "calib.eig_method=subspace",
-                       "calib.stats_cache=stats_dir"])
+                       "calib.stats_cache=stats_dir", "calib.stats_cache_max_bytes=20GB"])
     built = instantiate(cfg.method, _convert_="all")
     kwargs = built.calib.driver_kwargs()
     assert kwargs == {"max_stats_bytes": "2GiB", "stats_dtype": torch.float32, "offload_to_cpu": False,
                       "park_layers_on_cpu": True, "compute_dtype": torch.float32, "eig_method": "subspace",
-                      "stats_cache": "stats_dir"}
+                      "stats_cache": "stats_dir", "stats_cache_max_bytes": "20GB"}
     with pytest.raises(Exception, match=r"calib.stats_dtype='float16'"):  # hydra wraps the ValueError
         instantiate(compose_cfg([f"method={method}", "calib.stats_dtype=float16"]).method, _convert_="all")
     with pytest.raises(Exception, match=r"calib.max_stats_bytes='lots'"):

@@ -32,7 +32,7 @@ def test_a_sweep_calibrates_once_and_equals_no_cache(tmp_path, vit_factory, visi
     first, first_plan = compress_model(vit_factory(), vision_batches, loss, 0.7, rank_multiple=2, rho=0.25,
                                        stats_cache=str(cache), progress=False)
     assert len(calls) == plain_calls  # a miss calibrates as usual
-    assert first.jactus_compress_stats["stats_cache"] == {"dir": str(cache), "hits": 0, "misses": 1}
+    assert first.jactus_compress_stats["stats_cache"] == {"dir": str(cache), "hits": 0, "misses": 1, "evicted": []}
     assert len(list(cache.glob("*.pt"))) == 1 and not list(cache.glob("*.partial"))
 
     calls.clear()
@@ -84,7 +84,37 @@ def test_multi_pass_phase_two_reads_the_cache(tmp_path, tiny_llama, lm_data, los
                               stats_cache=str(tmp_path), progress=False)
     # 5 passes: group discovery + 5 calibrations in phase 1; phase 2's 4 recalibrations come from the cache
     assert len(calls) == 1 + 5 * len(batches)
-    assert model.jactus_compress_stats["stats_cache"] == {"dir": str(tmp_path), "hits": 4, "misses": 5}
+    assert model.jactus_compress_stats["stats_cache"] == {"dir": str(tmp_path), "hits": 4, "misses": 5,
+                                                          "evicted": []}
+
+
+def test_a_bounded_cache_evicts_the_least_recently_used(tmp_path, vit_factory, vision_batches, losses):
+    """Three calibrations of one size S under a bound of 2.5 S: the third write removes the file used least recently
+    (the second: the first was read again in between); a bound below S stores nothing and still compresses."""
+    cache = tmp_path / "stats"
+
+    def run(batches, bound):
+        model, _ = compress_model(vit_factory(), batches, losses["vision"], 0.7, rank_multiple=2, progress=False,
+                                  stats_cache=str(cache), stats_cache_max_bytes=bound)
+        return model.jactus_compress_stats["stats_cache"]
+
+    first = run(vision_batches, None)
+    (first_file,) = cache.glob("*.pt")
+    size = first_file.stat().st_size
+    bound = f"{2.5 * size:.0f}B"
+    second = run(vision_batches[:-1], bound)
+    second_file = next(path for path in cache.glob("*.pt") if path != first_file)
+    assert first["misses"] == second["misses"] == 1 and second["evicted"] == []
+    assert run(vision_batches, bound)["hits"] == 1  # the first is now the more recently used
+    third = run(vision_batches[1:], bound)
+    assert third["misses"] == 1 and third["evicted"] == [second_file.name]
+    assert first_file.is_file() and not second_file.exists() and len(list(cache.glob("*.pt"))) == 2
+    assert run(vision_batches[:-1], bound)["misses"] == 1  # evicted: calibrates again
+
+    before = sorted(path.name for path in cache.glob("*.pt"))
+    too_small = run(vision_batches[::-1], size // 2)  # batch order is part of the key
+    assert too_small["misses"] == 1 and too_small["evicted"] == []
+    assert sorted(path.name for path in cache.glob("*.pt")) == before and not list(cache.glob("*.partial"))
 
 
 def test_bad_cache_settings_fail_early(tmp_path):
@@ -92,6 +122,10 @@ def test_bad_cache_settings_fail_early(tmp_path):
 
     with pytest.raises(ValueError, match=r"calib.stats_cache=''"):
         CalibSettings(stats_cache="")
+    with pytest.raises(ValueError, match=r"calib.stats_cache_max_bytes='lots': expected null, a positive number"):
+        CalibSettings(stats_cache="x", stats_cache_max_bytes="lots")
+    with pytest.raises(ValueError, match=r"stats_cache_max_bytes=0: expected"):
+        compress_model(None, None, None, 0.7, stats_cache=str(tmp_path), stats_cache_max_bytes=0)
     afile = tmp_path / "afile"
     afile.write_text("x")
     from jactus.core.stats_cache import StatsCache

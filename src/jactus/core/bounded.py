@@ -80,28 +80,32 @@ def free_memory_bytes(device: torch.device | str) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def resolve_max_stats_bytes(value, device: torch.device | str = "cpu") -> int | None:
-    """`max_stats_bytes` as bytes: None (one pass), a positive integer, a size with a unit ("22GB", "20GiB",
-    "500MB") or "auto" (`AUTO_STATS_FRACTION` of the device's free memory)."""
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+def parse_bytes(value, key: str, also: str = "") -> int | None:
+    """A size setting as bytes: None/"null", a positive integer, or a size with a unit ("22GB", "20GiB", "500MB").
+    `key` names the setting in errors; `also` lists any other accepted value there (e.g. ", or auto")."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
         return None
+    expected = f"expected null, a positive number of bytes, or a size such as '22GB' or '20GiB'{also}"
     if isinstance(value, bool):
-        raise ValueError(f"max_stats_bytes={value!r}: expected null, a number of bytes, a size such as '22GB', or auto")
+        raise ValueError(f"{key}={value!r}: {expected}")
     if isinstance(value, str):
-        text = value.strip().lower()
-        if text == "auto":
-            return max(1, int(AUTO_STATS_FRACTION * free_memory_bytes(device)))
-        match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b|b)?", text)
+        match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b|b)?", value.strip().lower())
         if match is None:
-            raise ValueError(f"max_stats_bytes={value!r}: expected null, a number of bytes, a size such as '22GB' "
-                             f"or '20GiB', or auto")
+            raise ValueError(f"{key}={value!r}: {expected}")
         value = float(match.group(1)) * _UNITS[match.group(2) or ""]
     if isinstance(value, float):
         value = int(value)
     if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"max_stats_bytes={value!r}: expected a positive number of bytes, a size such as '22GB', "
-                         f"auto, or null")
+        raise ValueError(f"{key}={value!r}: {expected}")
     return value
+
+
+def resolve_max_stats_bytes(value, device: torch.device | str = "cpu") -> int | None:
+    """`max_stats_bytes` as bytes: None (one pass), a positive integer, a size with a unit ("22GB", "20GiB",
+    "500MB") or "auto" (`AUTO_STATS_FRACTION` of the device's free memory)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return max(1, int(AUTO_STATS_FRACTION * free_memory_bytes(device)))
+    return parse_bytes(value, "max_stats_bytes", ", or auto")
 
 
 class _StageClock:
@@ -155,6 +159,7 @@ def compress_model(
     build_layer: LayerBuilder | None = None,
     nested: bool = False,
     stats_cache: str | os.PathLike | None = None,
+    stats_cache_max_bytes: int | str | None = None,
 ) -> tuple[nn.Module, RankPlan] | list[tuple[nn.Module, RankPlan]]:
     """Compress `model` to `budget` in bounded memory (module docstring) -> `(model, plan)`, the model changed in
     place with the freeze policy of `factorize(freeze=True)`.
@@ -185,12 +190,15 @@ def compress_model(
 
     `stats_cache`: a directory where each pass's statistics are stored under a hash of the model, the batches and the
     calibration settings, and loaded from when present (`core.stats_cache`): a sweep over rho, budgets or damping
-    calibrates once. `jactus_compress_stats["stats_cache"]` counts the hits and misses.
+    calibrates once. `stats_cache_max_bytes` (bytes or a size such as "20GB") bounds the directory, removing the
+    least recently used files (`StatsCache`). `jactus_compress_stats["stats_cache"]` counts the hits and misses and
+    names the files evicted.
     """
     single = not isinstance(budget, (list, tuple))
     budgets = [budget] if single else list(budget)
     _check_arguments(model, budgets, allocator, scope, rank_multiple, rho, weight_basis, stats_mode, damping,
                      energy, stats_dtype, compute_dtype, eig_method, head_names)
+    cache_bound = parse_bytes(stats_cache_max_bytes, "stats_cache_max_bytes")
     need_stats = stats_mode != "none"
     need_gradients = stats_mode in ("kfac", "gradient")
     if need_stats and (batches is None or loss_fn is None):
@@ -207,7 +215,7 @@ def compress_model(
     max_stats_bytes = resolve_max_stats_bytes(max_stats_bytes, device) if need_stats else None
     clock = _StageClock(device)
     peak_stats_bytes = 0
-    cache = StatsCache(stats_cache) if stats_cache is not None and need_stats else None
+    cache = StatsCache(stats_cache, cache_bound) if stats_cache is not None and need_stats else None
 
     with clock("phase1_calibrate"):
         # the model stays dense and unchanged until every pass is done: one hash of it and of the batches serves all
@@ -314,7 +322,8 @@ def compress_model(
             "stages_s": {stage: round(seconds, 4) for stage, seconds in clock.seconds.items()},
             "fp64_fallbacks": fallbacks}
     if cache is not None:
-        info["stats_cache"] = {"dir": str(cache.directory), "hits": cache.hits, "misses": cache.misses}
+        info["stats_cache"] = {"dir": str(cache.directory), "hits": cache.hits, "misses": cache.misses,
+                               "evicted": list(cache.evicted)}
     for target, _ in results:
         target.jactus_compress_stats = info
     return results[0] if single else results

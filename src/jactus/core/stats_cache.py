@@ -18,6 +18,10 @@ statistics are deterministic on the CPU; on a GPU they equal a recalibration up 
 `<dir>/<key>.pt` (`CalibrationStats.save`, written to a temporary name and renamed, so runs sharing the directory
 never read half a file); they are the statistics' size (2.2 GB for SmolLM2-135M in float64). Hashing reads the whole
 model once (about 1 s per GB). Single-process only: under torch.distributed each rank sees other batches.
+
+`max_bytes` (`calib.stats_cache_max_bytes`) bounds the directory: after a write, the least recently used files
+(a hit counts as a use) go until the `.pt` files fit, never the one just written; statistics larger than the bound
+alone are not stored (said in the log). Without it the directory grows by one file per distinct calibration.
 """
 
 from __future__ import annotations
@@ -103,17 +107,22 @@ def stats_key(model_hash: str, batches_hash: str, groups: Sequence[Sequence[str]
 
 
 class StatsCache:
-    """`cached(key, compute)` -> the statistics stored under `key`, else `compute()`'s, stored under it."""
+    """`cached(key, compute)` -> the statistics stored under `key`, else `compute()`'s, stored under it; with
+    `max_bytes`, least recently used files are removed so that the directory's statistics fit (module docstring)."""
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, max_bytes: int | None = None):
         if distributed():
             raise ValueError(f"calib.stats_cache={str(directory)!r} works in a single process only (under "
                              f"torch.distributed every rank calibrates on other batches); set it to null")
         self.directory = Path(directory).expanduser()
         if self.directory.exists() and not self.directory.is_dir():
             raise ValueError(f"calib.stats_cache={str(directory)!r} is a file; expected a directory (created if absent)")
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0):
+            raise ValueError(f"stats_cache_max_bytes={max_bytes!r}: expected a positive number of bytes or None")
+        self.max_bytes = max_bytes
         self.hits = 0
         self.misses = 0
+        self.evicted: list[str] = []  # file names removed to stay under max_bytes
 
     def path(self, key: str) -> Path:
         return self.directory / f"{key}.pt"
@@ -121,15 +130,50 @@ class StatsCache:
     def cached(self, key: str, compute: Callable[[], CalibrationStats],
                map_location: torch.device | str = "cpu") -> CalibrationStats:
         path = self.path(key)
-        if path.is_file():
+        try:
+            os.utime(path)  # a use: least-recently-used eviction keeps what sweeps still read
+            stats = CalibrationStats.load(path, map_location=map_location)
+        except FileNotFoundError:  # never written, or evicted by a run sharing the directory
+            pass
+        else:
             self.hits += 1
             log.info("calibration statistics from the cache: %s", path)
-            return CalibrationStats.load(path, map_location=map_location)
+            return stats
         self.misses += 1
         stats = compute()
         self.directory.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
         stats.save(partial)
+        size = partial.stat().st_size
+        if self.max_bytes is not None and size > self.max_bytes:
+            partial.unlink()
+            log.warning("calibration statistics not cached: %.2f GB is more than calib.stats_cache_max_bytes=%d "
+                        "(%.2f GB) alone", size / 1e9, self.max_bytes, self.max_bytes / 1e9)
+            return stats
         partial.replace(path)
         log.info("calibration statistics cached: %s", path)
+        self._evict(keep=path)
         return stats
+
+    def _evict(self, keep: Path) -> None:
+        """Remove the least recently used `.pt` files (oldest modification time first) until the rest fit."""
+        if self.max_bytes is None:
+            return
+        files = []
+        for candidate in self.directory.glob("*.pt"):
+            try:
+                info = candidate.stat()
+            except FileNotFoundError:  # removed meanwhile by another run
+                continue
+            files.append((info.st_mtime, info.st_size, candidate))
+        total = sum(size for _, size, _ in files)
+        for _, size, candidate in sorted(files, key=lambda entry: entry[0]):
+            if total <= self.max_bytes:
+                break
+            if candidate == keep:
+                continue
+            candidate.unlink(missing_ok=True)
+            total -= size
+            self.evicted.append(candidate.name)
+            log.info("calibration statistics evicted from the cache (calib.stats_cache_max_bytes=%d): %s, %.2f GB",
+                     self.max_bytes, candidate, size / 1e9)

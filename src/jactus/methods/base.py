@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..core.bounded import resolve_max_stats_bytes
+from ..core.bounded import parse_bytes, resolve_max_stats_bytes
 from ..core.freeze import is_norm, set_trainable, train_cores  # noqa: F401  (re-exported for the methods)
 from ..core.linalg import EIG_METHODS
 
@@ -50,6 +50,7 @@ class CalibSettings:
     compute_dtype: str = "auto"
     eig_method: str = "auto"
     stats_cache: str | None = None  # a directory of cached statistics (core.stats_cache); None: calibrate every run
+    stats_cache_max_bytes: int | str | None = None  # bound on that directory (least recently used files go); None: none
 
     def __post_init__(self):
         choice(self.stats_dtype, list(STATS_DTYPES), "calib.stats_dtype")
@@ -60,6 +61,10 @@ class CalibSettings:
                 raise ValueError(f"calib.{key}={getattr(self, key)!r}: expected true or false")
         if self.stats_cache is not None and (not isinstance(self.stats_cache, str) or not self.stats_cache.strip()):
             raise ValueError(f"calib.stats_cache={self.stats_cache!r}: expected a directory path or null")
+        try:
+            parse_bytes(self.stats_cache_max_bytes, "stats_cache_max_bytes")
+        except ValueError as err:
+            raise ValueError(f"calib.{err}") from None
         if not (isinstance(self.max_stats_bytes, str) and self.max_stats_bytes.strip().lower() == "auto"):
             try:
                 resolve_max_stats_bytes(self.max_stats_bytes)
@@ -77,7 +82,7 @@ class CalibSettings:
         return {"max_stats_bytes": self.max_stats_bytes, "stats_dtype": STATS_DTYPES[self.stats_dtype],
                 "offload_to_cpu": self.offload_to_cpu, "park_layers_on_cpu": self.park_layers_on_cpu,
                 "compute_dtype": COMPUTE_DTYPES[self.compute_dtype], "eig_method": self.eig_method,
-                "stats_cache": self.stats_cache}
+                "stats_cache": self.stats_cache, "stats_cache_max_bytes": self.stats_cache_max_bytes}
 
 
 class Method:
