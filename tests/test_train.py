@@ -54,6 +54,10 @@ def test_jactus_run_meets_budget(family, compose_cfg, tmp_path):
     assert summary["params_ratio"] <= 0.8
     assert summary["params_trainable"] < summary["params_deployed"]
     assert summary["rank_map"] and summary["rank_stats"]["factorized"] > 0
+    residual = summary["rank_residual"]  # the K-FAC proxy each target leaves: positive where factorized, 0 if dense
+    assert set(residual) == set(summary["rank_map"])
+    assert all((value > 0) if summary["rank_map"][name] is not None else value == 0 for name, value in residual.items())
+    assert summary["rank_stats"]["residual_total"] == pytest.approx(sum(residual.values()))
     assert "dense" in summary["metrics_before"] and "method" in summary["metrics_before"]
     assert (tmp_path / "run" / "compact" / "rank_map.json").is_file()
 

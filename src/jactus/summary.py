@@ -4,8 +4,10 @@ Keys (always present): method, model, data, budget (null for full-size methods),
 params_deployed, params_trainable, params_ratio (= deployed / original), metrics ({"test/acc": ..., "test/nll": ...
 (mean negative log-likelihood of the gold label / answer), and "test/acc_<task>", "test/nll_<task>" where several
 tasks; "val/..." the same on the validation split}), wall_s, git_sha, status ("ok" | "failed").
-Optional: experiment, metrics_before, compress_wall_s, compress_peak_mem_gb, rank_stats, rank_map, error, run_dir,
-items (the name of the per-item file below, when one was written).
+Optional: experiment, metrics_before, compress_wall_s, compress_peak_mem_gb, rank_stats, rank_map, rank_residual
+(per target, the whitened weight's spectral energy beyond its rank: with stats_mode=kfac the K-FAC proxy of the loss
+increase the plan predicts for that layer; 0 where dense), error, run_dir, items (the name of the per-item file below,
+when one was written).
 
 items.jsonl.gz, next to summary.json (jactus-train, jactus-eval): the per-item results behind `metrics`, one JSON
 object per line, gzip-compressed: {"split": "test" | "val", "task": "piqa" (the dataset name for single-task data),

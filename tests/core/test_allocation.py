@@ -144,3 +144,26 @@ def test_nan_statistics_name_the_layer(tiny_vit, vision_batches, losses):
         plan_ranks(tiny_vit, stats, 0.8)
     for mode in ("input", "asvd"):  # the gradient statistics are not read
         assert plan_ranks(tiny_vit, stats, 0.8, stats_mode=mode).ratio <= 0.8
+
+
+def test_plan_records_each_layers_residual(tiny_vit):
+    """With stats_mode=none the residual is the weight's own truncation error ||W - W_r||_F^2 (Eckart-Young), 0 for a
+    dense layer; it survives to_dict/from_dict, and a plan saved before it existed still loads (residual None)."""
+    plan = plan_ranks(tiny_vit, None, 0.9, stats_mode="none", rank_multiple=16)  # proj kept dense (test above)
+    targets = find_targets(tiny_vit)
+    assert set(plan.residual) == set(plan.ranks) and any(r is None for r in plan.ranks.values())
+    assert any(r is not None for r in plan.ranks.values())
+    for name, rank in plan.ranks.items():
+        weight = targets[name].weight.detach().double()
+        if rank is None:
+            assert plan.residual[name] == 0.0
+            continue
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        truncated = U[:, :rank] @ torch.diag(S[:rank]) @ Vh[:rank]
+        assert plan.residual[name] == pytest.approx(float(((weight - truncated) ** 2).sum()), rel=1e-9)
+        assert plan.residual[name] > 0
+    again = RankPlan.from_dict(plan.to_dict())
+    assert again == plan and again.residual == plan.residual
+    old = plan.to_dict()
+    del old["residual"]
+    assert RankPlan.from_dict(old).residual is None and RankPlan.from_dict(old) == plan

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -52,6 +52,11 @@ class RankPlan:
     stats_mode: str = "kfac"
     rank_multiple: int = 8
     energy: float | None = None
+    # per target, the spectral energy of its whitened weight beyond its rank (0 where dense): with stats_mode=kfac the
+    # K-FAC proxy of the loss increase the plan predicts for that layer, what the allocator trades against parameters
+    # (METHOD.md section 4); None in plans saved before it was recorded. A diagnostic, not part of a plan's identity:
+    # plans with the same ranks compare equal whatever the rounding of their spectra
+    residual: dict[str, float] | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,6 +82,10 @@ class _Layer:
     @property
     def limit(self) -> int:
         return dense_rank_limit(self.in_features, self.out_features)
+
+    def residual(self, rank: int | None) -> float:
+        """The whitened weight's energy beyond `rank` (what the proxy loses at that rank; 0 when dense)."""
+        return 0.0 if rank is None else float(self.gains[rank:].sum())
 
     def snap(self, rank: int | None, multiple: int) -> int | None:
         """At least one unit of `multiple`; dense from `floor(m n / (m + n))` on."""
@@ -202,7 +211,8 @@ def plan_ranks(
         plans.append(RankPlan(ranks=ranks, params_original=original, params_deployed=deployed,
                               ratio=deployed / original, budget=None if value is None else float(value),
                               scope=scope, allocator=allocator, stats_mode=stats_mode, rank_multiple=rank_multiple,
-                              energy=energy))
+                              energy=energy, residual={layer.name: layer.residual(ranks[layer.name])
+                                                       for layer in layers}))
     return plans if isinstance(budget, (list, tuple)) else plans[0]
 
 

@@ -55,6 +55,8 @@ class LowRankMethod(Method):
                 "rank_min": min(ranks) if ranks else None,
                 "rank_mean": sum(ranks) / len(ranks) if ranks else None,
                 "rank_max": max(ranks) if ranks else None,
+                "residual_total": sum(self.plan.residual.values()) if self.plan.residual is not None else None,
             },
+            "rank_residual": dict(self.plan.residual) if self.plan.residual is not None else None,
             "plan_ratio": self.plan.ratio,
         }
