@@ -1,0 +1,144 @@
+"""Which layers lose most when JACTUS compresses (issue 19 item 5): the compressed model's validation NLL with each
+kind of target (q_proj, k_proj, ..., down_proj) put back to its dense weights, beside the K-FAC proxy the plan
+predicted for that kind (`rank_residual`: the whitened spectrum's energy beyond each rank).
+
+A Hydra app over jactus-train's config: the same overrides build the same model, data split, calibration and plan
+(with `calib.stats_cache` a run that calibrated before is not calibrated again). No training: it measures the start
+the cores train from. Writes `layer_damage.json` to the run directory and prints a table:
+
+  python experiments/results/offline_llama/validation/layer_damage.py experiment=offline_llama variant=jactus_0.8 \
+    seed=0 data.module.test_per_task=150 data.module.val_per_task=20 calib.stats_cache=logs/stats_cache \
+    hydra.run.dir=logs/layer_damage/s0
+
+Rows: "dense" (nothing compressed), "compressed" (the plan), and per kind "compressed, <kind> dense" (that kind
+restored): the NLL the kind costs is compressed minus that row, the proxy share is the kind's residual over the total.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from jactus.core import find_targets
+from jactus.methods.base import MethodContext
+from jactus.report.bootstrap import paired_bootstrap
+from jactus.utils.run import CONF_DIR, build_run
+
+log = logging.getLogger("jactus")
+
+
+def kind_of(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def swap(model: torch.nn.Module, name: str, module: torch.nn.Module) -> torch.nn.Module:
+    """Put `module` at `name` in `model`; returns the module it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, module)
+    return old
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    L.seed_everything(cfg.seed, workers=True)  # as jactus-train: the seed draws the split and the calibration items
+    method = instantiate(cfg.method, _convert_="all")
+    if not getattr(method, "compresses", False):
+        raise ValueError(f"method {method.name!r} does not compress; pick a compressing variant (e.g. jactus_0.8)")
+    run = build_run(cfg)
+    datamodule, module = run.datamodule, run.module
+    datamodule.setup("fit")
+    device = torch.device("cpu")
+    val = list(datamodule.val_dataloader())
+    if not val:
+        raise ValueError("no validation items: set data.module.val_per_task")
+
+    per_item = {}  # row label -> {task index: per-item NLL in item order}
+
+    def nll(label: str) -> dict:
+        start = time.perf_counter()
+        metrics = module.evaluate(val, device, stage="val", progress=False)
+        items = module.item_results["val"]
+        order = torch.argsort(items["task_idx"] * 1_000_000 + items["item_idx"])
+        tasks, values = items["task_idx"][order].numpy(), items["nll"][order].double().numpy()
+        per_item[label] = {int(task): values[tasks == task] for task in sorted(set(tasks.tolist()))}
+        row = {"row": label, "val/nll": metrics["val/nll"], "val/acc": metrics["val/acc"],
+               "eval_s": time.perf_counter() - start}
+        log.info("%s: val/nll %.4f, val/acc %.2f (%.0f s)", label, row["val/nll"], row["val/acc"], row["eval_s"])
+        return row
+
+    rows = [nll("dense")]
+    dense = {name: copy.deepcopy(layer) for name, layer in find_targets(module.model).items()}
+    ctx = MethodContext(model=module.model, loss_fn=module.calibration_loss,
+                        calibration_batches=datamodule.calibration_dataloader(), head_names=module.head_names,
+                        family=module.family, device=device)
+    start = time.perf_counter()
+    module.model = method.apply(ctx)
+    compress_s = time.perf_counter() - start
+    summary = method.summary()
+    ranks, residual = summary["rank_map"], summary["rank_residual"]
+    rows.append(nll("compressed"))
+
+    by_kind = defaultdict(list)
+    for name in ranks:
+        by_kind[kind_of(name)].append(name)
+    total_residual = sum(residual.values())
+    kinds = []
+    for kind, names in by_kind.items():
+        factorized = [name for name in names if ranks[name] is not None]
+        entry = {"kind": kind, "targets": len(names), "factorized": len(factorized),
+                 "residual": sum(residual[name] for name in names),
+                 "residual_share": sum(residual[name] for name in names) / total_residual if total_residual else None}
+        if factorized:
+            built = {name: swap(module.model, name, dense[name]) for name in factorized}
+            row = nll(f"compressed, {kind} dense")
+            for name, layer in built.items():
+                swap(module.model, name, layer)
+            entry["restored_nll"] = row["val/nll"]
+            entry["nll_cost"] = rows[1]["val/nll"] - row["val/nll"]
+            interval = paired_bootstrap({0: {task: per_item["compressed"][task] - per_item[row["row"]][task]
+                                             for task in per_item["compressed"]}})
+            entry["nll_cost_ci95"] = [interval.low, interval.high]  # over the items, resampled within each task
+            rows.append(row)
+        kinds.append(entry)
+
+    cost_total = sum(k.get("nll_cost", 0.0) for k in kinds)
+    for entry in kinds:
+        entry["nll_cost_share"] = entry["nll_cost"] / cost_total if "nll_cost" in entry and cost_total else None
+    result = {"overrides": list(HydraConfig.get().overrides.task), "seed": cfg.seed, "budget": method.budget,
+              "val_items": len(module.item_results.get("val", [])),
+              "compress_s": compress_s, "plan_ratio": summary.get("plan_ratio"), "rows": rows, "kinds": kinds,
+              "compressed_minus_dense": rows[1]["val/nll"] - rows[0]["val/nll"], "sum_of_kind_costs": cost_total,
+              "stats_cache": (getattr(module.model, "jactus_compress_stats", {}) or {}).get("stats_cache")}
+    (out_dir / "layer_damage.json").write_text(json.dumps(result, indent=2))
+    print(f"\nval NLL: dense {rows[0]['val/nll']:.4f}, compressed {rows[1]['val/nll']:.4f} "
+          f"(+{result['compressed_minus_dense']:.4f}); per kind, restoring it dense:")
+    print(f"{'kind':<10} {'fact.':>5} {'proxy share':>11} {'NLL cost':>9} {'95% interval':>18} {'cost share':>10}")
+    for entry in sorted(kinds, key=lambda e: -(e.get("nll_cost") or 0)):
+        share = entry["residual_share"]
+        cost, cost_share = entry.get("nll_cost"), entry.get("nll_cost_share")
+        print(f"{entry['kind']:<10} {entry['factorized']:>5} {'-' if share is None else f'{share:.3f}':>11} "
+              f"{'-' if cost is None else f'{cost:+.4f}':>9} {_interval(entry.get('nll_cost_ci95')):>18} "
+              f"{'-' if cost_share is None else f'{cost_share:.3f}':>10}")
+    print(f"sum of the kinds' costs {cost_total:+.4f} against the whole compression's {result['compressed_minus_dense']:+.4f}")
+
+
+def _interval(bounds) -> str:
+    return "-" if bounds is None else f"[{bounds[0]:+.4f}, {bounds[1]:+.4f}]"
+
+
+if __name__ == "__main__":
+    main()
