@@ -7,11 +7,16 @@ A Hydra app over jactus-train's config: the same overrides build the same model,
 the cores train from. Writes `layer_damage.json` to the run directory and prints a table:
 
   python experiments/results/offline_llama/validation/layer_damage.py experiment=offline_llama variant=jactus_0.8 \
-    seed=0 data.module.test_per_task=150 data.module.val_per_task=20 calib.stats_cache=logs/stats_cache \
+    seed=0 data.module.test_per_task=150 data.module.val_per_task=20 calib.stats_cache=logs/stats_cache hydra.mode=RUN \
     hydra.run.dir=logs/layer_damage/s0
 
 Rows: "dense" (nothing compressed), "compressed" (the plan), and per kind "compressed, <kind> dense" (that kind
 restored): the NLL the kind costs is compressed minus that row, the proxy share is the kind's residual over the total.
+
+A what-if probe of the allocation (not a method option): `+kind_scale="{gate_proj: 1.4, q_proj: 0.3}"` multiplies
+the proxy of those kinds (their squared whitened singular values) before the ranks are planned, so the allocator
+trades them as if they mattered that much more or less; the factorizations are the usual ones at the ranks that
+plan gives. `+restore_kinds=false` skips the per-kind rows (dense and compressed only).
 """
 
 from __future__ import annotations
@@ -80,6 +85,9 @@ def main(cfg: DictConfig) -> None:
         log.info("%s: val/nll %.4f, val/acc %.2f (%.0f s)", label, row["val/nll"], row["val/acc"], row["eval_s"])
         return row
 
+    kind_scale = dict(cfg.get("kind_scale") or {})
+    if kind_scale:
+        _scale_the_plans_proxy(kind_scale)
     rows = [nll("dense")]
     dense = {name: copy.deepcopy(layer) for name, layer in find_targets(module.model).items()}
     ctx = MethodContext(model=module.model, loss_fn=module.calibration_loss,
@@ -97,12 +105,13 @@ def main(cfg: DictConfig) -> None:
         by_kind[kind_of(name)].append(name)
     total_residual = sum(residual.values())
     kinds = []
+    restore = bool(cfg.get("restore_kinds", True))
     for kind, names in by_kind.items():
         factorized = [name for name in names if ranks[name] is not None]
         entry = {"kind": kind, "targets": len(names), "factorized": len(factorized),
                  "residual": sum(residual[name] for name in names),
                  "residual_share": sum(residual[name] for name in names) / total_residual if total_residual else None}
-        if factorized:
+        if factorized and restore:
             built = {name: swap(module.model, name, dense[name]) for name in factorized}
             row = nll(f"compressed, {kind} dense")
             for name, layer in built.items():
@@ -119,7 +128,9 @@ def main(cfg: DictConfig) -> None:
     for entry in kinds:
         entry["nll_cost_share"] = entry["nll_cost"] / cost_total if "nll_cost" in entry and cost_total else None
     result = {"overrides": list(HydraConfig.get().overrides.task), "seed": cfg.seed, "budget": method.budget,
-              "val_items": len(module.item_results.get("val", [])),
+              "kind_scale": kind_scale, "rank_by_kind": {kind: [ranks[name] for name in names]
+                                                        for kind, names in by_kind.items()},
+              "val_items": len(module.item_results["val"]["nll"]),
               "compress_s": compress_s, "plan_ratio": summary.get("plan_ratio"), "rows": rows, "kinds": kinds,
               "compressed_minus_dense": rows[1]["val/nll"] - rows[0]["val/nll"], "sum_of_kind_costs": cost_total,
               "stats_cache": (getattr(module.model, "jactus_compress_stats", {}) or {}).get("stats_cache")}
@@ -134,6 +145,26 @@ def main(cfg: DictConfig) -> None:
               f"{'-' if cost is None else f'{cost:+.4f}':>9} {_interval(entry.get('nll_cost_ci95')):>18} "
               f"{'-' if cost_share is None else f'{cost_share:.3f}':>10}")
     print(f"sum of the kinds' costs {cost_total:+.4f} against the whole compression's {result['compressed_minus_dense']:+.4f}")
+
+
+def _scale_the_plans_proxy(kind_scale: dict) -> None:
+    """Wrap the plan step of `compress_model` so that each listed kind's spectrum counts `scale` times its proxy."""
+    import jactus.core.bounded as bounded
+
+    unknown = [kind for kind in kind_scale if kind not in KINDS]
+    if unknown or any(not isinstance(v, (int, float)) or v <= 0 for v in kind_scale.values()):
+        raise ValueError(f"kind_scale={kind_scale}: expected positive numbers for kinds among {KINDS}")
+    plan_ranks = bounded.plan_ranks
+
+    def scaled(*args, spectra=None, **kwargs):
+        if spectra is not None:
+            spectra = {name: values * float(kind_scale.get(kind_of(name), 1.0)) ** 0.5 for name, values in spectra.items()}
+        return plan_ranks(*args, spectra=spectra, **kwargs)
+
+    bounded.plan_ranks = scaled
+
+
+KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _interval(bounds) -> str:
