@@ -240,6 +240,29 @@ def test_rerun_of_a_seed_counts_once(tmp_path):
     cell = table.cell("lora", "cifar10")
     assert cell.mean == pytest.approx(86.0) and cell.std == pytest.approx(math.sqrt(32.0))
     assert table.text("lora", "Avg.") == table.text("lora", "cifar10") == "86.00 ± 5.66"
+    rep = report.write_report(root, tmp_path / "out")  # and the report says which seed ran twice
+    notes = rep.files["report"].read_text().split("## Seeds run more than once")[1]
+    assert f"lora, seed 0: 2 runs ({root / 'a' / 's0'}, {root / 'b' / 's0'})" in notes and "seed 1" not in notes
+
+
+def test_a_budget_over_the_targets_is_its_own_row(tmp_path, capsys):
+    """scope=targets at 0.8 is another model than scope=model at 0.8, not a re-run of its seed: its own row, read from
+    the summary's budget_scope or, for runs written before it, from .hydra/config.yaml."""
+    root = tmp_path / "scopes"
+    _write(root, "model/s0", method="jactus", data="cifar10", seed=0, acc=80.0, budget=0.8, ratio=0.8)
+    _write(root, "targets/s0", method="jactus", data="cifar10", seed=0, acc=84.0, budget=0.8, ratio=0.84)
+    summary = json.loads((root / "targets/s0/summary.json").read_text())
+    (root / "targets/s0/summary.json").write_text(json.dumps({**summary, "budget_scope": "targets"}))
+    _write(root, "old/s1", method="jactus", data="cifar10", seed=1, acc=86.0, budget=0.8, ratio=0.84)
+    (root / "old/s1/.hydra").mkdir()
+    (root / "old/s1/.hydra/config.yaml").write_text("budget:\n  scope: targets\n  ratio: 0.8\n")
+    assert report.main([str(root), "--out", str(tmp_path / "out"), "--gaps", "jactus@0.8 (scope=targets):jactus@0.8"]) == 0
+    (table,) = report.build_tables(report.results_frame(report.load_summaries([root])[0]))
+    assert table.rows == ["jactus@0.8", "jactus@0.8 (scope=targets)"]
+    assert sorted(table.cell("jactus@0.8 (scope=targets)", "cifar10").values) == [84.0, 86.0]
+    assert table.cell("jactus@0.8", "cifar10").values == [80.0]
+    assert "| jactus@0.8 (scope=targets) | jactus@0.8 | +4.00 |" in (tmp_path / "out" / "report.md").read_text()
+    assert "seeds run more than once" not in capsys.readouterr().out
 
 
 def test_rank_heatmap_rows_follow_the_table(tmp_path, monkeypatch):

@@ -50,7 +50,7 @@ def test_jactus_run_meets_budget(family, compose_cfg, tmp_path):
     overrides = TINY[family] + FAST + ["method=jactus", "budget.ratio=0.8", "allocator.rank_multiple=1",
                                        "save_compact=true"]
     _, summary = run_train(compose_cfg, overrides, tmp_path)
-    assert summary["budget"] == 0.8
+    assert summary["budget"] == 0.8 and summary["budget_scope"] == "model"
     assert summary["params_ratio"] <= 0.8
     assert summary["params_trainable"] < summary["params_deployed"]
     assert summary["rank_map"] and summary["rank_stats"]["factorized"] > 0

@@ -4,7 +4,7 @@ Keys (always present): method, model, data, budget (null for full-size methods),
 params_deployed, params_trainable, params_ratio (= deployed / original), metrics ({"test/acc": ..., "test/nll": ...
 (mean negative log-likelihood of the gold label / answer), and "test/acc_<task>", "test/nll_<task>" where several
 tasks; "val/..." the same on the validation split}), wall_s, git_sha, status ("ok" | "failed").
-Optional: experiment, metrics_before, compress_wall_s, compress_peak_mem_gb, rank_stats, rank_map, rank_residual
+Optional: budget_scope (model | targets: what a compressing method's budget counts), experiment, metrics_before, compress_wall_s, compress_peak_mem_gb, rank_stats, rank_map, rank_residual
 (per target, the whitened weight's spectral energy beyond its rank: with stats_mode=kfac the K-FAC proxy of the loss
 increase the plan predicts for that layer; 0 where dense), error, run_dir, items (the name of the per-item file below,
 when one was written).

@@ -98,6 +98,8 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
     deployed = deployed.to(export_dtype(cfg.get("export_dtype"), compression.backbone_dtype))
     summary.update(
         budget=method.budget,
+        # what the budget counts (model | targets): the same budget over another scope is another row of a report
+        budget_scope=getattr(method, "scope", None) if method.budget is not None else None,
         params_original=compression.params_original,
         params_trainable=compression.params_trainable,
         params_deployed=method.params_deployed(deployed),

@@ -14,10 +14,11 @@ Writes to `--out` (default: the first sweep dir):
   rank_heatmap.png    per-layer ranks of the runs that carry a `rank_map` (grey = kept dense); skipped with a note
                       in report.md when none does.
   gaps.csv            with `--gaps REF:OTHER[,OTHER...]` (repeatable; labels as in the table's rows, e.g.
-                      "jactus@0.8", "lora"): per table a "Gaps" section in report.md, one row per OTHER, the mean over
-                      the seeds both rows ran of REF minus OTHER per column and on the average ("+1.23", "-0.40";
-                      "—" where either is missing; the difference of the means marked "(unpaired)" where they share
-                      no seed), "± s" where at least two seeds pair up: the sample std of the per-seed differences
+                      "jactus@0.8", "lora", "jactus@0.8 (scope=targets)" for a budget over the target linears
+                      only): per table a "Gaps" section in report.md, one row per OTHER, the mean over the seeds
+                      both rows ran of REF minus OTHER per column and on the average ("+1.23", "-0.40"; "—" where
+                      either is missing; the difference of the means marked "(unpaired)" where they share no
+                      seed), "± s" where at least two seeds pair up: the sample std of the per-seed differences
                       (a seed fixes the data split, so pairing removes the split's share of the noise); gaps.csv
                       holds the same in long format. A label that is not a row of a table fails
                       with a message listing that table's rows. Where the runs wrote per-item results
@@ -88,6 +89,18 @@ class Report:
     gaps: list[GapTable] = field(default_factory=list)  # one per table when gaps were asked for
 
 
+def repeated_seeds(frame: pd.DataFrame) -> list[str]:
+    """"label, seed s: N runs (paths)" for every row whose seed has more than one successful run."""
+    ok = frame[(frame["status"] == "ok") & frame["seed"].notna()].drop_duplicates(["label", "seed", "path"])
+    out = []
+    for (label, seed), runs in ok.groupby(["label", "seed"], sort=False):
+        if len(runs) > 1:
+            paths = ", ".join(str(Path(path).parent) for path in runs["path"])
+            out.append(f"{label}, seed {seed:g}: {len(runs)} runs ({paths})" if isinstance(seed, float)
+                       else f"{label}, seed {seed}: {len(runs)} runs ({paths})")
+    return out
+
+
 def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: list[str] = (),
                  split_by: list[str] = (), resamples: int = 1000, level: float = 0.95) -> Report:
     """Read the summaries under `dirs` and write report.md, results.csv and the plots to `out`.
@@ -144,6 +157,10 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
         lines += ["![rank allocation per layer](rank_heatmap.png)", ""]
     else:
         lines += ["No run carries a `rank_map`: rank heatmap skipped.", ""]
+    repeated = repeated_seeds(frame)
+    if repeated:
+        lines += ["## Seeds run more than once", "", "Each counts once, as the mean of its runs; if the runs differ in "
+                  "more than chance, split the row (`--split-by KEY`):", "", *[f"- {item}" for item in repeated], ""]
     if unreadable:
         lines += ["## Unreadable summaries", "", *[f"- {item}" for item in unreadable], ""]
     files["report"] = out / "report.md"
@@ -216,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nGaps\n{report.gaps[index].to_markdown()}")
             if report.gaps[index].without_items:
                 print(f"no per-item results for: {', '.join(report.gaps[index].without_items)}")
+    repeated = repeated_seeds(report.frame)
+    if repeated:
+        print("\nseeds run more than once (each counts once, as the mean of its runs):\n" + "\n".join(repeated))
     print("\nwrote " + ", ".join(str(path) for path in report.files.values()))
     if args.wandb or wants_wandb(report.summaries):
         log_to_wandb(report, project=args.wandb_project)

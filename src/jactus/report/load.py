@@ -72,13 +72,29 @@ def _as_paths(dirs) -> list[Path]:
 
 
 def row_label(summary: dict) -> str:
-    """The table row of a run: its method, with "@budget" for methods that compress to a budget.
+    """The table row of a run: its method, with "@budget" for methods that compress to a budget, and " (scope=
+    targets)" where that budget counts only the target linears (`budget.scope`; the default, model, is unmarked):
+    the same budget over another scope is another model, never a re-run of the same seed.
 
     Three significant digits: a budget asked for reads as given (0.8), a measured ratio (CERSA at a fixed spectral
     energy reports the ratio it gave) does not spell out every digit."""
     budget = summary.get("budget")
     label = summary["method"] if budget is None else f"{summary['method']}@{budget:.3g}"
+    scope = budget_scope(summary) if budget is not None else None
+    if scope not in (None, "model"):
+        label += f" (scope={scope})"
     return label + summary.get("_split", "")
+
+
+def budget_scope(summary: dict) -> str | None:
+    """The run's `budget_scope`; for runs written before summaries carried it, `budget.scope` of its .hydra config."""
+    if summary.get("budget_scope") is not None:
+        return summary["budget_scope"]
+    if "_path" not in summary:
+        return None
+    path = Path(str(summary["_path"]).split(MEMBER_MARK)[0]).parent / ".hydra" / "config.yaml"
+    scope = _dotted(_read_yaml(path), "budget.scope") if path.is_file() else None
+    return scope if isinstance(scope, str) else None
 
 
 def split_values(summary: dict, keys: list[str]) -> str:
