@@ -59,7 +59,7 @@ def test_dry_run_runs_every_stage_and_collects(tmp_path):
     done = gpu("collect", str(out), "--dest", str(dest), "--bench", str(bench))
     assert done.returncode == 0, done.stderr
     report = (dest / "table" / "report.md").read_text()
-    assert "jactus_targets@0.8" in report and "zero_shot" in report and "Gaps" in report
+    assert "jactus@0.8 (scope=targets)" in report and "zero_shot" in report and "Gaps" in report
     assert (dest / "sessions" / f"0_{status['date']}" / "jobs.json").is_file()
     lr = json.loads((dest / "lr_choice.json").read_text())
     assert lr["jactus"]["lr"] == 5e-4 and "validation search" in lr["jactus"]["source"]
@@ -177,3 +177,19 @@ def test_split_payload_fills_call_a_first(tmp_path):
                                                                    ("y.tar.gz.part0", "b", 300)]
     with pytest.raises(SystemExit):
         gpu_run.split_payload([first, second], {"a": 500, "b": 500}, tmp_path / "small")
+
+
+def test_gap_specs_name_the_rows_as_the_report_does(tmp_path):
+    """The targets row is "jactus@0.8 (scope=targets)" in jactus-report; the script's gap specs must use that label
+    (an unknown label fails the report), and leave out rows that did not run."""
+    from jactus.report.load import load_summaries, row_label
+
+    script = load_script()
+    for name, method, budget, scope in [("j", "jactus", 0.8, "model"), ("t", "jactus", 0.8, "targets"),
+                                        ("l", "lora", None, None)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(
+            {"method": method, "model": "m", "data": "d", "budget": budget, "budget_scope": scope}))
+    labels = {row_label(summary) for summary in load_summaries(tmp_path)[0]}
+    assert labels == {"jactus@0.8", "jactus@0.8 (scope=targets)", "lora"}
+    assert script.gap_specs(tmp_path) == ["jactus@0.8:lora,jactus@0.8 (scope=targets)"]

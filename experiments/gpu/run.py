@@ -76,7 +76,7 @@ ROWS = {
     "tunecomp_0.6": (["variant=tunecomp_0.6"], "adapter"),
     "jactus_0.8": (["variant=jactus_0.8", "evaluate_before=true"], "jactus"),
     "jactus_0.6": (["variant=jactus_0.6"], "jactus"),
-    "jactus_0.8_targets": (["variant=jactus_0.8", "budget.scope=targets", "+method_label=jactus_targets"], "jactus"),
+    "jactus_0.8_targets": (["variant=jactus_0.8", "budget.scope=targets"], "jactus"),  # "jactus@0.8 (scope=targets)"
 }
 # Learning rates: one search per group on the group's first row (seed 0, the table's own steps, val/acc of 50 items
 # a task, never test), the best rate used by every row of the group. Grids around the literature's rates (LoRA/DoRA
@@ -85,7 +85,7 @@ LR_GRID = {"full_ft": (1e-5, 3e-5, 1e-4), "adapter": (1e-4, 3e-4, 1e-3), "jactus
 LR_SEARCH_ROW = {"full_ft": "full_ft", "adapter": "lora", "jactus": "jactus_0.8"}
 # Fallback when a group's search produced nothing: conf/experiment/offline_llama.yaml (lr_by_method, else lr).
 LR_EXPERIMENT = {"full_ft": 2e-5, "adapter": 2e-4, "jactus": 5e-4}
-GAPS = ("jactus@0.8:lora,dora,compress_then_adapt@0.8,tunecomp@0.8,zero_shot,jactus_targets@0.8",
+GAPS = ("jactus@0.8:lora,dora,compress_then_adapt@0.8,tunecomp@0.8,zero_shot,jactus@0.8 (scope=targets)",
         "jactus@0.6:compress_then_adapt@0.6,tunecomp@0.6")
 
 
@@ -592,7 +592,10 @@ def gap_specs(table_runs: Path) -> list[str] | None:
     labels = set()
     for path in table_runs.rglob("summary.json"):
         summary = json.loads(path.read_text())
-        labels.add(summary["method"] if summary.get("budget") is None else f"{summary['method']}@{summary['budget']:.3g}")
+        label = summary["method"] if summary.get("budget") is None else f"{summary['method']}@{summary['budget']:.3g}"
+        if summary.get("budget") is not None and summary.get("budget_scope") not in (None, "model"):
+            label += f" (scope={summary['budget_scope']})"  # as jactus.report.load.row_label names the row
+        labels.add(label)
     if not labels:
         return None
     specs = []
