@@ -6,13 +6,29 @@
 # the compressed model before fine-tuning. calib.stats_cache: the runs of one seed that differ only after
 # calibration (rho, distillation, lr) share one calibration per calibration size.
 # Two jobs at a time, one thread each, resumable (experiments/results/run_jobs.sh):
-#   experiments/results/offline_llama/validation/run.sh [STAGE]     # STAGE: grid (default) | followup | item5
+#   experiments/results/offline_llama/validation/run.sh [STAGE]     # grid (default) | followup | item5 | layer_damage
 # item5 (issue 19 item 5): LoRA (r 16, alpha 32: the lora row's adapter) on the targets the plan keeps dense; LoRA
 # itself on this protocol (the reference); JACTUS at budgets 0.9 and 0.95 (how much of the gap is the compression
 # itself); the cores at half the rate over the table's 150 steps (the 150-step run fits its training batches better
 # than LoRA but is worse on validation).
+# layer_damage (item 5): no training; the seed-0/1 JACTUS@0.8 start with each kind of target restored dense
+# (layer_damage.py), and the allocation tilted by seed 0's measured/proxy ratios (+kind_scale), on seeds 1 and 0.
 set -u
 cd "$(dirname "$0")/../../../.."
+if [ "${1:-}" = layer_damage ]; then
+  export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+  C="experiment=offline_llama variant=jactus_0.8 data.module.test_per_task=150 data.module.val_per_task=20 \
+calib.stats_cache=logs/stats_cache logger=none hydra.mode=RUN"
+  S='+kind_scale={gate_proj: 1.4, up_proj: 1.3, down_proj: 0.7, o_proj: 0.25, q_proj: 0.3, k_proj: 0.2}'
+  DAMAGE="${PYTHON:-.venv/bin/python} experiments/results/offline_llama/validation/layer_damage.py"
+  for seed in 0 1; do $DAMAGE $C seed=$seed hydra.run.dir=logs/layer_damage/s$seed; done
+  for seed in 1 0; do $DAMAGE $C seed=$seed "$S" +restore_kinds=false hydra.run.dir=logs/layer_damage/s${seed}_scaled; done
+  mkdir -p experiments/results/offline_llama/validation/layer_damage
+  for run in s0 s1 s1_scaled s0_scaled; do
+    cp logs/layer_damage/$run/layer_damage.json experiments/results/offline_llama/validation/layer_damage/$run.json
+  done
+  exit 0
+fi
 export LOG=${LOG:-logs/val3}
 export COMMON="experiment=offline_llama logger=csv trainer.enable_checkpointing=false data.module.test_per_task=150 \
 data.module.val_per_task=20 trainer.max_steps=50 test=false evaluate_before=true variant=jactus_0.8 \
@@ -53,5 +69,5 @@ b0.95_r0_c512_s1 method.rho=0.0 calib.num_samples=512 budget.ratio=0.95 seed=1
 b0.9_r0_c512_s0 method.rho=0.0 calib.num_samples=512 budget.ratio=0.9 seed=0
 b0.9_r0_c512_s1 method.rho=0.0 calib.num_samples=512 budget.ratio=0.9 seed=1
 JOBS
-  *) echo "unknown stage ${1}: expected grid, followup or item5" >&2; exit 2 ;;
+  *) echo "unknown stage ${1}: expected grid, followup, item5 or layer_damage" >&2; exit 2 ;;
 esac | experiments/results/run_jobs.sh
