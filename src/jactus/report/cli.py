@@ -87,6 +87,7 @@ class Report:
     tables: list[ResultTable]
     files: dict[str, Path]
     gaps: list[GapTable] = field(default_factory=list)  # one per table when gaps were asked for
+    repeated: list[str] = field(default_factory=list)  # `repeated_seeds` of the frame
 
 
 def repeated_seeds(frame: pd.DataFrame) -> list[str]:
@@ -96,8 +97,8 @@ def repeated_seeds(frame: pd.DataFrame) -> list[str]:
     for (label, seed), runs in ok.groupby(["label", "seed"], sort=False):
         if len(runs) > 1:
             paths = ", ".join(str(Path(path).parent) for path in runs["path"])
-            out.append(f"{label}, seed {seed:g}: {len(runs)} runs ({paths})" if isinstance(seed, float)
-                       else f"{label}, seed {seed}: {len(runs)} runs ({paths})")
+            out.append(f"{label}, seed {format(seed, 'g') if isinstance(seed, float) else seed}: {len(runs)} runs "
+                       f"({paths})")
     return out
 
 
@@ -165,7 +166,7 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
         lines += ["## Unreadable summaries", "", *[f"- {item}" for item in unreadable], ""]
     files["report"] = out / "report.md"
     files["report"].write_text("\n".join(lines))
-    return Report(summaries, frame, tables, files, gap_tables)
+    return Report(summaries, frame, tables, files, gap_tables, repeated)
 
 
 def _items_section(table: ResultTable) -> list[str]:
@@ -233,9 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nGaps\n{report.gaps[index].to_markdown()}")
             if report.gaps[index].without_items:
                 print(f"no per-item results for: {', '.join(report.gaps[index].without_items)}")
-    repeated = repeated_seeds(report.frame)
-    if repeated:
-        print("\nseeds run more than once (each counts once, as the mean of its runs):\n" + "\n".join(repeated))
+    if report.repeated:
+        print("\nseeds run more than once (each counts once, as the mean of its runs):\n" + "\n".join(report.repeated))
     print("\nwrote " + ", ".join(str(path) for path in report.files.values()))
     if args.wandb or wants_wandb(report.summaries):
         log_to_wandb(report, project=args.wandb_project)

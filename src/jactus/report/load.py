@@ -40,6 +40,9 @@ def load_summaries(dirs) -> tuple[list[dict], list[str]]:
                 unreadable.append(f"{path} (no {', '.join(missing)})")
                 continue
             summary["_path"] = str(path)
+            compresses = summary.get("budget") is not None or summary.get("palette")
+            if compresses and summary.get("budget_scope") is None:
+                summary["budget_scope"] = _scope_from_config(summary)  # runs written before summaries carried it
             summaries += palette_rows(summary)
     return summaries, unreadable
 
@@ -80,21 +83,21 @@ def row_label(summary: dict) -> str:
     energy reports the ratio it gave) does not spell out every digit."""
     budget = summary.get("budget")
     label = summary["method"] if budget is None else f"{summary['method']}@{budget:.3g}"
-    scope = budget_scope(summary) if budget is not None else None
-    if scope not in (None, "model"):
-        label += f" (scope={scope})"
+    if budget is not None and summary.get("budget_scope") not in (None, "model"):
+        label += f" (scope={summary['budget_scope']})"
     return label + summary.get("_split", "")
 
 
-def budget_scope(summary: dict) -> str | None:
-    """The run's `budget_scope`; for runs written before summaries carried it, `budget.scope` of its .hydra config."""
-    if summary.get("budget_scope") is not None:
-        return summary["budget_scope"]
-    if "_path" not in summary:
-        return None
-    path = Path(str(summary["_path"]).split(MEMBER_MARK)[0]).parent / ".hydra" / "config.yaml"
-    scope = _dotted(_read_yaml(path), "budget.scope") if path.is_file() else None
+def _scope_from_config(summary: dict) -> str | None:
+    """`budget.scope` of the run's .hydra config (None where it has none)."""
+    scope = _dotted(_run_config(summary), "budget.scope")
     return scope if isinstance(scope, str) else None
+
+
+def _run_config(summary: dict) -> dict:
+    """The run's `.hydra/config.yaml` next to its summary.json ({} where there is none)."""
+    path = Path(summary["_path"]).parent / ".hydra" / "config.yaml"
+    return _read_yaml(path) if path.is_file() else {}
 
 
 def split_values(summary: dict, keys: list[str]) -> str:
@@ -108,8 +111,7 @@ def split_values(summary: dict, keys: list[str]) -> str:
         value = _dotted(summary, key)
         if value is None:
             if config is None:
-                path = Path(summary["_path"]).parent / ".hydra" / "config.yaml"
-                config = _read_yaml(path) if path.is_file() else {}
+                config = _run_config(summary)
             value = _dotted(config, key)
         values.append(f"{key}={'?' if value is None else format(value, 'g') if isinstance(value, float) else value}")
     return f" ({', '.join(values)})"

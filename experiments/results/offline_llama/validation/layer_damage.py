@@ -47,15 +47,6 @@ def kind_of(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def swap(model: torch.nn.Module, name: str, module: torch.nn.Module) -> torch.nn.Module:
-    """Put `module` at `name` in `model`; returns the module it replaced."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child)
-    setattr(parent, child, module)
-    return old
-
-
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -108,14 +99,16 @@ def main(cfg: DictConfig) -> None:
     restore = bool(cfg.get("restore_kinds", True))
     for kind, names in by_kind.items():
         factorized = [name for name in names if ranks[name] is not None]
-        entry = {"kind": kind, "targets": len(names), "factorized": len(factorized),
-                 "residual": sum(residual[name] for name in names),
-                 "residual_share": sum(residual[name] for name in names) / total_residual if total_residual else None}
+        kind_residual = sum(residual[name] for name in names)
+        entry = {"kind": kind, "targets": len(names), "factorized": len(factorized), "residual": kind_residual,
+                 "residual_share": kind_residual / total_residual if total_residual else None}
         if factorized and restore:
-            built = {name: swap(module.model, name, dense[name]) for name in factorized}
+            built = {name: module.model.get_submodule(name) for name in factorized}
+            for name in factorized:
+                module.model.set_submodule(name, dense[name])
             row = nll(f"compressed, {kind} dense")
             for name, layer in built.items():
-                swap(module.model, name, layer)
+                module.model.set_submodule(name, layer)
             entry["restored_nll"] = row["val/nll"]
             entry["nll_cost"] = rows[1]["val/nll"] - row["val/nll"]
             interval = paired_bootstrap({0: {task: per_item["compressed"][task] - per_item[row["row"]][task]
