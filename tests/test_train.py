@@ -258,3 +258,23 @@ def test_wandb_offline_run_dir_is_written(tmp_path):
     runs = list(tmp_path.rglob("offline-run-*"))
     assert runs, "no W&B offline run directory was written"
     assert any(p.name.endswith(".wandb") for p in runs[0].rglob("*"))
+
+
+def test_training_runs_in_train_mode_after_the_evaluation_before(compose_cfg, tmp_path, dump_callback):
+    """The tiny Llama comes back in eval mode, as `from_pretrained` returns a pretrained model. Compress-then-adapt
+    evaluates the compressed model before training (evaluate_before, the default), which used to give every module
+    the top module's eval flag back, so its LoRA dropout was off for the whole run while LoRA's own was on. Every
+    module now trains in train mode, LoRA dropout included."""
+    from jactus.models.causal_lm import create_causal_lm
+
+    assert not create_causal_lm(config={"num_hidden_layers": 1}).model.training  # the mode a real load has
+    record = tmp_path / "modes.json"
+    overrides = TINY["qa"] + FAST + ["method=compress_then_adapt", "budget.ratio=0.8", "allocator.rank_multiple=1",
+                                     "evaluate_before=true", "method.lora_dropout=0.1",
+                                     "+callbacks.modes._target_=dump_callback.RecordModes",
+                                     f"+callbacks.modes.out_file={record}"]
+    summary, _ = run_train(compose_cfg, overrides, tmp_path)
+    assert summary["metrics_before"]["method"]  # the evaluation before training ran
+    modes = json.loads(record.read_text())
+    assert modes["dropout"] and all(modes["dropout"].values()), modes["dropout"]
+    assert modes["eval"] == []

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .core.calibration import to_device
+from .core.modes import module_modes, restore_modes
 from .core.precision import autocast_for
 
 # (loss, logits at the loss positions [B, C] or [M, V], batch row of each position) of a model on a training batch:
@@ -99,7 +100,7 @@ def build_cache(model: torch.nn.Module, batches: Iterable, loss_and_logits: Loss
 
     check_options(1.0, temperature, topk)
     device = torch.device(device)
-    was_training = model.training
+    modes = module_modes(model)
     model.eval()
     cache = TeacherCache("logits" if family == "vision" else "topk", float(temperature),
                          None if family == "vision" else int(topk))
@@ -125,7 +126,7 @@ def build_cache(model: torch.nn.Module, batches: Iterable, loss_and_logits: Loss
                 cache.entries[int(example)] = (values[mine].cpu(), tokens[mine].to(torch.int32).cpu(),
                                                rest[mine].cpu())
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         shards: list = [None] * world_size
         torch.distributed.all_gather_object(shards, cache.entries)

@@ -29,3 +29,23 @@ class DumpPerRank(Callback):
 
     def on_train_end(self, trainer, pl_module):
         self._dump(trainer, pl_module, "end")
+
+
+class RecordModes(Callback):
+    """Writes, at the first training batch, the names of the model's modules that are in eval mode and of its
+    dropout modules with their flags."""
+
+    def __init__(self, out_file: str):
+        self.out_file = Path(out_file)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx:
+            return
+        import json
+
+        modules = list(pl_module.model.named_modules())
+        record = {"eval": [name for name, module in modules if not module.training],
+                  "dropout": {name: module.training for name, module in modules
+                              if isinstance(module, torch.nn.Dropout)}}
+        self.out_file.parent.mkdir(parents=True, exist_ok=True)
+        self.out_file.write_text(json.dumps(record))

@@ -52,6 +52,7 @@ from .calibration import (
 from .decompositions import Decompositions
 from .factorize import build_layers, install_layers
 from .linalg import COMPUTE_DTYPES, DEFAULT_DAMPING, EIG_METHODS, check_choice
+from .modes import module_modes, restore_modes
 from .progress import progress_bar
 from .stats_cache import StatsCache, batches_digest, model_digest, stats_key
 from .subspace import STATS_MODES, WEIGHT_BASES
@@ -343,12 +344,12 @@ def _input_groups(model: nn.Module, modules: Mapping[str, nn.Linear], batches: I
     """`calibration.input_groups` from the first batch, the model in eval mode as calibration runs it."""
     first = next(iter(batches), None)
     check_every_rank_has_batches(0 if first is None else 1, "compress_model", device)
-    was_training = model.training
+    modes = module_modes(model)
     model.eval()
     try:
         return input_groups(model, modules, to_device(first, device), loss_fn)
     finally:
-        model.train(was_training)
+        restore_modes(modes)
 
 
 def broadcast_object(value):

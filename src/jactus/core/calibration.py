@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .linalg import check_finite
+from .modes import module_modes, restore_modes
 from .progress import progress_bar
 from .targets import find_targets
 
@@ -149,7 +150,7 @@ def calibrate(
     first = next(iterator, None)
     check_every_rank_has_batches(0 if first is None else 1, "calibrate", device)
 
-    was_training = model.training
+    modes = module_modes(model)
     flags = [(param, param.requires_grad) for param in model.parameters()]
     model.eval()
     for param, _ in flags:
@@ -166,7 +167,7 @@ def calibrate(
     finally:
         for param, flag in flags:
             param.requires_grad_(flag)
-        model.train(was_training)
+        restore_modes(modes)
     return CalibrationStats({name: layers[name] for name in modules}, [g for g in groups if len(g) > 1])
 
 
@@ -443,7 +444,7 @@ def warmup_head(model: nn.Module, head_params: Iterable[nn.Parameter], batches: 
     if steps <= 0:
         return []
     device = params[0].device
-    was_training = model.training
+    modes = module_modes(model)
     flags = [(param, param.requires_grad) for param in model.parameters()]
     losses: list[float] = []
     try:
@@ -474,5 +475,5 @@ def warmup_head(model: nn.Module, head_params: Iterable[nn.Parameter], batches: 
             param.grad = None
         for param, flag in flags:
             param.requires_grad_(flag)
-        model.train(was_training)
+        restore_modes(modes)
     return losses

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .modes import module_modes, restore_modes
 from .precision import trainable_dtype
 
 # Elements of one row block of a weight-shaped product (g^T x) on the accelerator: 64 MiB in fp32.
@@ -179,7 +180,7 @@ def weight_fisher(model: nn.Module, layers: Mapping[str, nn.Module], batches: It
     from .progress import progress_bar
 
     accumulator = FisherAccumulator(layers, strict=True)
-    was_training = model.training
+    modes = module_modes(model)
     model.eval()  # no dropout: the score of the model as it is
     try:
         for batch in progress_bar(batches, desc="sparse support (weight Fisher)", disable=not progress, leave=False):
@@ -188,7 +189,7 @@ def weight_fisher(model: nn.Module, layers: Mapping[str, nn.Module], batches: It
     finally:
         accumulator.remove()
         model.zero_grad(set_to_none=True)
-        model.train(was_training)
+        restore_modes(modes)
     return accumulator.reduced()
 
 

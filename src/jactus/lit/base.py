@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.calibration import to_device
+from ..core.modes import module_modes, restore_modes
 
 
 class TaskModule(L.LightningModule):
@@ -119,6 +120,14 @@ class TaskModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_fit_start(self):
+        # Training runs in train mode, as HF's Trainer and a plain PyTorch loop run it. `from_pretrained` returns an
+        # eval-mode model and Lightning (>= 2.2) keeps each submodule's own mode, so without this a pretrained
+        # backbone trained in eval mode (its configured dropout off) beside adapters injected in train mode, and any
+        # helper that restored the top module's flag switched those adapters' dropout off too. Lightning's
+        # validation loop puts the model in eval mode and gives every module its flag back afterwards.
+        self.model.train()
+
     # ---- evaluation ------------------------------------------------------------------------------------------
     # Each evaluation also keeps its per-item results (`item_results[stage]`, written as items.jsonl.gz next to
     # summary.json): what a paired bootstrap over items needs (jactus-report --gaps).
@@ -184,7 +193,7 @@ class TaskModule(L.LightningModule):
         from ..core.precision import autocast_for
 
         device = torch.device(device) if device is not None else next(self.model.parameters()).device
-        was_training = self.model.training
+        modes = module_modes(self.model)
         self.model.eval()
         counts, items = self._new_counts(device), []
         with autocast_for(self.model, device):
@@ -192,7 +201,7 @@ class TaskModule(L.LightningModule):
                 scored = self.score_batch(to_device(batch, device))
                 self._accumulate(counts, scored)
                 self._keep_items(items, scored)
-        self.model.train(was_training)
+        restore_modes(modes)
         self.item_results[stage] = _stack_items(items)
         return self.metrics_from_counts(counts, stage)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..core.modes import module_modes, restore_modes
 from .base import TaskModule
 
 
@@ -28,7 +29,7 @@ class ImageClassifier(TaskModule):
         if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")) or steps <= 0:
             return super().warmup_head(batches, steps, lr)
         head = model.get_classifier() if hasattr(model, "get_classifier") else model.get_submodule(self.head_names[0])
-        was_training = model.training
+        modes = module_modes(model)
         model.eval()
         with torch.no_grad():
             cached = [(model.forward_head(model.forward_features(batch[0]), pre_logits=True), batch[1])
@@ -43,7 +44,7 @@ class ImageClassifier(TaskModule):
             loss.backward()
             average_gradients(params)
             optimizer.step()
-        model.train(was_training)
+        restore_modes(modes)
 
     def score_batch(self, batch) -> dict[str, torch.Tensor]:
         images, labels = batch[0], batch[1]

@@ -103,5 +103,5 @@ def _tiny_llama(overrides: dict):
                          pad_token_id=tokenizer.eos_token_id, **settings)
     with torch.random.fork_rng(devices=[]):  # the same random model every time, without touching the caller's RNG
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config).eval()  # as from_pretrained returns a model: tests see the mode real runs see
     return model, tokenizer
