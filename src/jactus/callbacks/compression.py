@@ -108,9 +108,8 @@ class CompressionCallback(Callback):
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
         if not self.method.shardable and isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
-            raise ValueError(f"method {self.method.name!r} cannot train under {type(trainer.strategy).__name__}: its "
-                             f"training-time hooks read and prune whole layers, which a sharding strategy splits "
-                             f"across ranks; use trainer=ddp (or trainer=gpu) instead")
+            raise ValueError(f"method {self.method.name!r} cannot train under {type(trainer.strategy).__name__}: "
+                             f"{self.method.unshardable_reason}; use trainer=ddp (or trainer=gpu) instead")
 
     def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         device = trainer.strategy.root_device

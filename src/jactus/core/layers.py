@@ -24,6 +24,11 @@ class FactorizedLinear(nn.Module):
     Forward path: per token `U (C (V^T x))` costs `(m + n) r + r^2`; forming `U C` once per call costs `m r^2` and
     leaves `(m + n) r` per token. So `U C` is formed when the call carries more tokens than `m` (`tokens * r^2 >
     m * r^2`), which is the usual training case; small calls (decoding, tiny batches) go token by token.
+
+    Core dropout (`anchor_core_dropout(p)`, off by default): in train mode the core's change since the anchor sees
+    dropped inputs, `y = U (C0 h + (C - C0) dropout_p(h)) + b` with `h = V^T x` and `C0` the core when anchored,
+    as LoRA's dropout acts on its branch only (`W x + B A dropout(x)`). At the anchor `C = C0`, so it leaves the
+    starting model as it is; in eval mode and after `fold` the layer is `U C V^T x + b`.
     """
 
     def __init__(self, U: torch.Tensor, C: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None):
@@ -38,6 +43,17 @@ class FactorizedLinear(nn.Module):
         self.V = nn.Parameter(V.contiguous(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias)
         self.sparse: nn.Module | None = None  # an optional sparse correction S x (core.sparse.SparseDelta)
+        self.core_dropout = 0.0
+        # the core at the anchor of core dropout; not in the state dict (a resumed run anchors at the resumed core)
+        self.register_buffer("C0", None, persistent=False)
+
+    @torch.no_grad()
+    def anchor_core_dropout(self, p: float) -> None:
+        """Core dropout with probability `p` on the change of the core from now on (0: off, the anchor dropped)."""
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ValueError(f"core dropout {p!r}: expected a probability in [0, 1) (0 = off)")
+        self.core_dropout = float(p)
+        self.C0 = self.C.detach().clone() if p > 0 else None
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
@@ -64,7 +80,11 @@ class FactorizedLinear(nn.Module):
         h = torch.matmul(x, self.V)  # V^T x per token: [..., r]
         core = self.C.to(self.U.dtype)
         bias = None if self.bias is None else self.bias.to(self.U.dtype)
-        if x.numel() // self.in_features > self.out_features:
+        if self.training and self.C0 is not None:  # core dropout: two r x r products per token, then U
+            change = (self.C - self.C0).to(self.U.dtype)  # formed in the core's dtype (fp32), not the factors'
+            g = F.linear(h, self.C0.to(self.U.dtype)) + F.linear(F.dropout(h, self.core_dropout, training=True), change)
+            y = F.linear(g, self.U, bias)
+        elif x.numel() // self.in_features > self.out_features:
             y = F.linear(h, self.U @ core, bias)
         else:
             y = F.linear(F.linear(h, core), self.U, bias)

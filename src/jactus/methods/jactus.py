@@ -42,6 +42,13 @@ class Jactus(LowRankMethod):
     deployed size does not change. Motivation (issue 19 item 5): at budget 0.8 on SmolLM2, 53 of 210 targets (every
     `v_proj` among them) stay dense and would otherwise never adapt to the task; there r16 moved the validation NLL
     by -0.01 (experiments/results/offline_llama/validation, "Item 5"), so it is off by default.
+
+    `core_dropout` > 0 (beyond the paper; default 0) regularises the cores as LoRA's dropout regularises its branch:
+    in training, each core's change since the first step sees its input `V^T x` through dropout with that
+    probability (`FactorizedLinear.anchor_core_dropout`; the start and the deployed model are unchanged). A resumed
+    run anchors at the resumed cores. Not under FSDP (the anchor copies each core's full tensor). Motivation (issue
+    19 item 5): at budget 0.8 on SmolLM2 the cores fit the training batches better than LoRA does while their
+    validation NLL stays higher.
     """
 
     def __init__(
@@ -60,8 +67,18 @@ class Jactus(LowRankMethod):
         sparse_share: float = 0.0,
         dense_adapter_r: int = 0,
         dense_adapter_alpha: float = 16.0,
+        core_dropout: float = 0.0,
     ):
         super().__init__()
+        if isinstance(core_dropout, bool) or not isinstance(core_dropout, (int, float)) or not 0 <= core_dropout < 1:
+            raise ValueError(f"method.core_dropout={core_dropout!r}: expected a dropout probability in [0, 1) on the "
+                             f"cores' change (0 = off; e.g. 0.05, LoRA's default)")
+        self.core_dropout = float(core_dropout)
+        self._anchored: int | None = None  # id of the model whose cores are anchored
+        if self.core_dropout:
+            self.shardable = False
+            self.unshardable_reason = ("method.core_dropout copies each core's full tensor at the first step, which a "
+                                       "sharding strategy splits across ranks")
         if isinstance(dense_adapter_r, bool) or not isinstance(dense_adapter_r, int) or dense_adapter_r < 0:
             raise ValueError(f"method.dense_adapter_r={dense_adapter_r!r}: expected a LoRA rank >= 0 for the targets "
                              f"the plan keeps dense (0 = off, they stay frozen; e.g. 8)")
@@ -127,6 +144,14 @@ class Jactus(LowRankMethod):
         train_cores(model, self.head_names, also=lambda name, _: is_adapter_parameter(name))
         return model
 
+    def on_train_batch_start(self, model: nn.Module, step: int, max_steps: int) -> None:
+        """Core dropout: anchor every core at the first training batch (after a checkpoint's weights are loaded)."""
+        if self.core_dropout and self._anchored != id(model):
+            for layer in model.modules():
+                if isinstance(layer, FactorizedLinear):
+                    layer.anchor_core_dropout(self.core_dropout)
+            self._anchored = id(model)
+
     def export(self, model: nn.Module) -> nn.Module:
         """Merge the dense targets' adapters (if any) into their weights, then fold every core (U <- U C)."""
         return super().export(merge_adapters(model))
@@ -189,6 +214,8 @@ class Jactus(LowRankMethod):
         if summary and self.sparse_nnz:
             summary["sparse"] = {"share": self.sparse_share, "nnz": sum(self.sparse_nnz.values()),
                                  "layers": len(self.sparse_nnz), "index_bytes_csr_int32": self.sparse_index_bytes}
+        if summary and self.core_dropout:
+            summary["core_dropout"] = self.core_dropout
         if summary and self.dense_adapter_r:
             summary["dense_adapter"] = {"r": self.dense_adapter_r, "alpha": self.dense_adapter_alpha,
                                         "layers": len(self.dense_adapted)}
