@@ -15,10 +15,11 @@ import yaml
 
 KEYS = (("method", "method"), ("budget.ratio", "budget"), ("trainer.max_steps", "steps"), ("method.rho", "rho"),
         ("calib.num_samples", "calib"), ("calib.loss", "calib loss"), ("distill.weight", "distill"), ("lr", "lr"),
-        ("method.dense_adapter_r", "dense-target LoRA r"))
+        ("method.dense_adapter_r", "dense-target LoRA r"), ("method.core_dropout", "core dropout"))
 
-JACTUS_ONLY = {"budget.ratio", "method.rho", "calib.num_samples", "calib.loss", "method.dense_adapter_r"}
-DEFAULTS = {"calib.loss": "task", "method.dense_adapter_r": 0}
+JACTUS_ONLY = {"budget.ratio", "method.rho", "calib.num_samples", "calib.loss", "method.dense_adapter_r",
+               "method.core_dropout"}
+DEFAULTS = {"calib.loss": "task", "method.dense_adapter_r": 0, "method.core_dropout": 0.0}
 
 
 def setting(run: Path, summary: dict) -> tuple:
