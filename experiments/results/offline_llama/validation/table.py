@@ -33,6 +33,9 @@ def setting(run: Path, summary: dict) -> tuple:
         value = config
         for part in dotted.split("."):
             value = (value or {}).get(part)
+        if isinstance(value, str) and value.startswith("${oc.select:"):  # unresolved in .hydra: the root key or default
+            key, _, default = value[len("${oc.select:"):-1].partition(",")
+            value = config.get(key, yaml.safe_load(default))
         if value is None and dotted in DEFAULTS:
             return DEFAULTS[dotted]  # runs from before the option
         return value
