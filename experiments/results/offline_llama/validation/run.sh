@@ -7,13 +7,15 @@
 # calibration (rho, distillation, lr) share one calibration per calibration size.
 # Two jobs at a time, one thread each, resumable (experiments/results/run_jobs.sh):
 #   experiments/results/offline_llama/validation/run.sh [STAGE]     # grid (default) | followup | item5 | layer_damage
-#                                                                  # | core_dropout
+#                                                                  # | core_dropout | taco
 # item5 (issue 19 item 5): LoRA (r 16, alpha 32: the lora row's adapter) on the targets the plan keeps dense; LoRA
 # itself on this protocol (the reference); JACTUS at budgets 0.9 and 0.95 (how much of the gap is the compression
 # itself); the cores at half the rate over the table's 150 steps (the 150-step run fits its training batches better
 # than LoRA but is worse on validation).
 # core_dropout (item 5): the table's 150 steps with dropout 0.1 on the cores' change (method.core_dropout), against
 # the table's own seed-0/1 JACTUS runs' validation (the 150-step runs fit the training batches better than LoRA).
+# taco (item 5): TACO@0.8 on this protocol, with its start scored (evaluate_before): does the table's TACO row lead
+# JACTUS because it starts closer to the dense model, or because its 79M trainable weights adapt further?
 # layer_damage (item 5): no training; the seed-0/1 JACTUS@0.8 start with each kind of target restored dense
 # (layer_damage.py), and the allocation tilted by seed 0's measured/proxy ratios (+kind_scale), on seeds 1 and 0.
 set -u
@@ -76,5 +78,9 @@ JOBS
 cd0.1_150steps_s0 method.core_dropout=0.1 trainer.max_steps=150 seed=0
 cd0.1_150steps_s1 method.core_dropout=0.1 trainer.max_steps=150 seed=1
 JOBS
-  *) echo "unknown stage ${1}: expected grid, followup, item5, core_dropout or layer_damage" >&2; exit 2 ;;
+  taco) cat <<'JOBS' ;;
+taco0.8_s0 variant=taco_0.8 seed=0
+taco0.8_s1 variant=taco_0.8 seed=1
+JOBS
+  *) echo "unknown stage ${1}: expected grid, followup, item5, core_dropout, taco or layer_damage" >&2; exit 2 ;;
 esac | experiments/results/run_jobs.sh

@@ -17,8 +17,8 @@ KEYS = (("method", "method"), ("budget.ratio", "budget"), ("trainer.max_steps", 
         ("calib.num_samples", "calib"), ("calib.loss", "calib loss"), ("distill.weight", "distill"), ("lr", "lr"),
         ("method.dense_adapter_r", "dense-target LoRA r"), ("method.core_dropout", "core dropout"))
 
-JACTUS_ONLY = {"budget.ratio", "method.rho", "calib.num_samples", "calib.loss", "method.dense_adapter_r",
-               "method.core_dropout"}
+COMPRESSING_ONLY = {"budget.ratio", "calib.num_samples"}  # any method with a budget (JACTUS, TACO)
+JACTUS_ONLY = {"method.rho", "calib.loss", "method.dense_adapter_r", "method.core_dropout"}
 DEFAULTS = {"calib.loss": "task", "method.dense_adapter_r": 0, "method.core_dropout": 0.0}
 
 
@@ -28,8 +28,10 @@ def setting(run: Path, summary: dict) -> tuple:
     def get(dotted):
         if dotted in ("lr", "method"):
             return summary.get(dotted)
-        if dotted in JACTUS_ONLY and not str(summary.get("method", "")).startswith("jactus"):
+        if dotted in COMPRESSING_ONLY and summary.get("budget") is None:
             return None  # LoRA: 100%, no calibration
+        if dotted in JACTUS_ONLY and not str(summary.get("method", "")).startswith("jactus"):
+            return None
         value = config
         for part in dotted.split("."):
             value = (value or {}).get(part)
