@@ -7,7 +7,7 @@
 # calibration (rho, distillation, lr) share one calibration per calibration size.
 # Two jobs at a time, one thread each, resumable (experiments/results/run_jobs.sh):
 #   experiments/results/offline_llama/validation/run.sh [STAGE]     # grid (default) | followup | item5 | layer_damage
-#                                                                  # | core_dropout | taco
+#                                                                  # | core_dropout | taco | tunecomp
 # item5 (issue 19 item 5): LoRA (r 16, alpha 32: the lora row's adapter) on the targets the plan keeps dense; LoRA
 # itself on this protocol (the reference); JACTUS at budgets 0.9 and 0.95 (how much of the gap is the compression
 # itself); the cores at half the rate over the table's 150 steps (the 150-step run fits its training batches better
@@ -16,6 +16,7 @@
 # the table's own seed-0/1 JACTUS runs' validation (the 150-step runs fit the training batches better than LoRA).
 # taco (item 5): TACO@0.8 on this protocol, with its start scored (evaluate_before): does the table's TACO row lead
 # JACTUS because it starts closer to the dense model, or because its 79M trainable weights adapt further?
+# tunecomp (item 4's rates): TuneComp@0.8 at the table's 2e-4 and at 1e-3 (seed 0): is its row's loss its rate?
 # layer_damage (item 5): no training; the seed-0/1 JACTUS@0.8 start with each kind of target restored dense
 # (layer_damage.py), and the allocation tilted by seed 0's measured/proxy ratios (+kind_scale), on seeds 1 and 0.
 set -u
@@ -82,5 +83,9 @@ JOBS
 taco0.8_s0 variant=taco_0.8 seed=0
 taco0.8_s1 variant=taco_0.8 seed=1
 JOBS
-  *) echo "unknown stage ${1}: expected grid, followup, item5, core_dropout, taco or layer_damage" >&2; exit 2 ;;
+  tunecomp) cat <<'JOBS' ;;
+tunecomp0.8_lr2e-4_s0 variant=tunecomp_0.8 optim.lr=2e-4 seed=0
+tunecomp0.8_lr1e-3_s0 variant=tunecomp_0.8 optim.lr=1e-3 seed=0
+JOBS
+  *) echo "unknown stage ${1}: expected grid, followup, item5, core_dropout, taco, tunecomp or layer_damage" >&2; exit 2 ;;
 esac | experiments/results/run_jobs.sh
