@@ -17,7 +17,7 @@ KEYS = (("method", "method"), ("budget.ratio", "budget"), ("trainer.max_steps", 
         ("calib.num_samples", "calib"), ("calib.loss", "calib loss"), ("distill.weight", "distill"), ("lr", "lr"),
         ("method.dense_adapter_r", "dense-target LoRA r"), ("method.core_dropout", "core dropout"))
 
-COMPRESSING_ONLY = {"budget.ratio", "calib.num_samples"}  # any method with a budget (JACTUS, TACO)
+COMPRESSING_ONLY = {"budget.ratio", "calib.num_samples"}  # any method with a budget (JACTUS, TACO, TuneComp)
 JACTUS_ONLY = {"method.rho", "calib.loss", "method.dense_adapter_r", "method.core_dropout"}
 DEFAULTS = {"calib.loss": "task", "method.dense_adapter_r": 0, "method.core_dropout": 0.0}
 
