@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from jactus.core import FactorizedLinear, count_params, load_compact, save_compact
-from jactus.core.sparse import SparseDelta, sparse_index_bytes, top_support, uniform_nnz, weight_fisher
+from jactus.core.sparse import (
+    SparseDelta,
+    csr_index_bytes,
+    sparse_index_bytes,
+    top_support,
+    uniform_nnz,
+    weight_fisher,
+)
 from jactus.methods import MethodContext
 from jactus.methods.jactus import Jactus
 
@@ -28,7 +35,8 @@ def test_sparse_delta_is_its_dense_matrix_and_only_values_get_gradients():
     delta(x).sum().backward()
     assert delta.values.grad is not None and delta.values.grad.shape == (4,)
     assert not delta.index.is_floating_point() and "index" in delta.state_dict()
-    assert sparse_index_bytes([delta]) == 4 * 4 + 4 * 4  # CSR: 4 column indices + 4 row pointers
+    # CSR: 4 column indices + 4 row pointers
+    assert sparse_index_bytes([delta]) == csr_index_bytes((3, 4), 4) == 4 * 4 + 4 * 4
     with pytest.raises(ValueError, match="out of range"):
         SparseDelta(3, 4, torch.tensor([12]))
 

@@ -221,7 +221,8 @@ def compress_model(
     with clock("phase1_calibrate"):
         # the model stays dense and unchanged until every pass is done: one hash of it and of the batches serves all
         digests = (model_digest(model), batches_digest(batches)) if cache is not None else None
-        groups = _input_groups(model, modules, batches, loss_fn, device) if need_stats else [[n] for n in modules]
+        groups = (first_batch_input_groups(model, modules, batches, loss_fn, device) if need_stats
+                  else [[n] for n in modules])
     passes = split_passes(groups, modules, need_gradients, max_stats_bytes if need_stats else None, stats_dtype)
     pass_bytes = [sum(stats_bytes(group, modules, need_gradients, stats_dtype) for group in pass_groups)
                   if need_stats else 0 for pass_groups in passes]
@@ -339,11 +340,13 @@ def nested_rank_map(plans: Sequence[RankPlan]) -> dict[str, int | None]:
     return ranks
 
 
-def _input_groups(model: nn.Module, modules: Mapping[str, nn.Linear], batches: Iterable, loss_fn: LossFn,
-                  device: torch.device) -> list[list[str]]:
-    """`calibration.input_groups` from the first batch, the model in eval mode as calibration runs it."""
+def first_batch_input_groups(model: nn.Module, modules: Mapping[str, nn.Linear], batches: Iterable, loss_fn: LossFn,
+                             device: torch.device, what: str = "compress_model") -> list[list[str]]:
+    """The shared-input groups of `modules` (`calibration.input_groups`) from the first of `batches`, moved to
+    `device`, with the model in eval mode as calibration runs it (its modes restored afterwards). Fails on every rank
+    when any rank has no batch, the message naming `what` (the caller)."""
     first = next(iter(batches), None)
-    check_every_rank_has_batches(0 if first is None else 1, "compress_model", device)
+    check_every_rank_has_batches(0 if first is None else 1, what, device)
     modes = module_modes(model)
     model.eval()
     try:

@@ -19,11 +19,18 @@ Mask selection, with the exact number of kept weights:
 
 `global_keep_counts` turns one model-wide number of kept weights into per-layer counts by a single threshold on the
 *relative* OBS saliency `relative_saliency`: `w^2 / [H^-1]_jj` of the dense weights (the output error of removing
-that one weight with the optimal update of its row) divided by the layer's output energy `trace(W Sx W^T)`. Raw
-saliencies are in each layer's own output units: a layer reading small activations (attention and MLP output
-projections after softmax-weighted sums and GELU) scores low everywhere, and one raw threshold prunes such layers
-completely (seen on a ViT). The relative score, the fraction of the layer's output removed, does not change when a
-layer's inputs or weights are rescaled, so one threshold compares layers fairly.
+that one weight with the optimal update of its row) divided by the layer's output energy per weight,
+`trace(W Sx W^T) / (m n)`. Raw saliencies are in each layer's own output units: a layer reading small activations
+(attention and MLP output projections after softmax-weighted sums and GELU) scores low everywhere, and one raw
+threshold prunes such layers completely (seen on a ViT). The relative score does not change when a layer's inputs or
+weights are rescaled, and the per-weight normalisation makes it free of the layer's size: dividing by the whole
+energy instead would shrink every score of an m-row layer by 1/m, and one threshold would prune larger layers harder
+(i.i.d. layers of 64 and 1024 rows, one `Sx`, half the weights kept: densities 0.83 and 0.43). For white inputs
+`Sx = c I` the score is `(1 + damping) w^2 / mean(w^2)` whatever `m`, `n` or `c`. What still tells layers apart is
+`1 / [H^-1]_jj`, the variance of input j that the other inputs do not predict, against the energy the inputs carry:
+a layer with redundant inputs loses little output per removed weight (its row update compensates) and gives up
+more weights. Normalising by the layer's mean saliency would also be size-free, but would set every layer's mean
+score to 1 and erase that signal.
 
 `prune_linears` is the driver: calibrate the inputs (`calibrate`, input statistics only, in passes that fit
 `max_stats_bytes`), prune, and write the weights back only after every pass, so every Hessian is measured on the
@@ -39,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bounded import _input_groups
+from .bounded import first_batch_input_groups
 from .calibration import LayerStats, broadcast, calibrate, distributed, split_passes
 from .progress import progress_bar
 
@@ -92,10 +99,11 @@ def obs_saliency(weight: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
 
 
 def relative_saliency(weight: torch.Tensor, input_cov: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """`obs_saliency / trace(W Sx W^T)`: each weight's share of the layer's output energy (module docstring)."""
+    """`obs_saliency / (trace(W Sx W^T) / (m n))`: each weight's output error as a multiple of the layer's output
+    energy per weight, comparable across layers of any size and scale (module docstring)."""
     weight64 = weight.detach().to(input_cov.device, torch.float64)
-    energy = float(((weight64 @ input_cov.to(torch.float64)) * weight64).sum())
-    return obs_saliency(weight, inverse) / max(energy, torch.finfo(torch.float32).tiny)
+    energy_per_weight = float(((weight64 @ input_cov.to(torch.float64)) * weight64).sum()) / weight.numel()
+    return obs_saliency(weight, inverse) / max(energy_per_weight, torch.finfo(torch.float32).tiny)
 
 
 @torch.no_grad()
@@ -216,7 +224,7 @@ def prune_linears(
     if device is None:
         device = next(iter(modules.values())).weight.device
     device = torch.device(device)
-    groups = _input_groups(model, modules, batches, loss_fn, device)
+    groups = first_batch_input_groups(model, modules, batches, loss_fn, device, "prune_linears")
     passes = split_passes(groups, modules, False, max_stats_bytes, stats_dtype)
 
     def statistics(pass_groups: list[list[str]]) -> dict[str, LayerStats]:
@@ -272,11 +280,6 @@ def prune_linears(
     for name, pruned in parked.items():
         modules[name].weight.data.copy_(pruned)
     return masks
-
-
-def csr_index_bytes(shape: tuple[int, int], nnz: int) -> int:
-    """CSR index of one m x n matrix: int32 column indices and m + 1 int32 row pointers."""
-    return 4 * nnz + 4 * (shape[0] + 1)
 
 
 def n_m_index_bytes(nnz: int, m: int) -> int:

@@ -216,6 +216,12 @@ def uniform_nnz(shapes: Mapping[str, tuple[int, int]], total: int) -> dict[str, 
     return counts
 
 
+def csr_index_bytes(shape: tuple[int, int], nnz: int) -> int:
+    """CSR index of one m x n matrix with `nnz` non-zeros: int32 column indices and m + 1 int32 row pointers (what a
+    sparse kernel reads)."""
+    return 4 * nnz + 4 * (shape[0] + 1)
+
+
 def sparse_index_bytes(layers: Iterable[SparseDelta]) -> int:
-    """Bytes of the supports stored as CSR with int32 column indices and row pointers (what a sparse kernel reads)."""
-    return sum(4 * layer.nnz + 4 * (layer.out_features + 1) for layer in layers)
+    """`csr_index_bytes` summed over the supports of `layers`."""
+    return sum(csr_index_bytes((layer.out_features, layer.in_features), layer.nnz) for layer in layers)

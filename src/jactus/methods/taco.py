@@ -8,8 +8,9 @@ distilled from the dense model (section 9).
    parameters outside the pruned weights already exceed fails before any calibration, with the numbers.
 2. Which layer keeps how many (`allocation`): `uniform` spreads them at one density over the targets
    (`core.sparse.uniform_nnz`, exact); `global` keeps the weights above one threshold on the relative OBS saliency
-   `w^2 / [H^-1]_jj / trace(W Sx W^T)` of all targets (`core.obs_prune.relative_saliency`: the raw saliency is in
-   each layer's output units and would prune whole output projections). `pattern="N:M"` instead fixes density
+   `w^2 / [H^-1]_jj / (trace(W Sx W^T) / (m n))` of all targets (`core.obs_prune.relative_saliency`: the raw
+   saliency is in each layer's output units and would prune whole output projections; dividing by the output energy
+   per weight, not the whole, keeps one threshold from pruning larger layers harder). `pattern="N:M"` instead fixes density
    N/M in every target (N non-zeros in every M consecutive inputs of a row); the budget is then an upper bound that
    the pattern must meet (it fails early otherwise) and the deployed ratio is whatever the pattern gives.
 3. `core.obs_prune.prune_linears`: calibrate `Sx` (input statistics only, the `calib` group's memory options),
@@ -34,8 +35,8 @@ import torch
 from torch import nn
 
 from ..core import SCOPES, count_params, find_targets, resolve_max_stats_bytes
-from ..core.obs_prune import ALLOCATIONS, csr_index_bytes, n_m_index_bytes, parse_pattern, prune_linears
-from ..core.sparse import uniform_nnz
+from ..core.obs_prune import ALLOCATIONS, n_m_index_bytes, parse_pattern, prune_linears
+from ..core.sparse import csr_index_bytes, uniform_nnz
 from .base import (
     STATS_DTYPES,
     CalibSettings,
