@@ -36,11 +36,19 @@ def test_compress_palette_then_eval_one_member(tmp_path):
         assert summary["method"] == "jactus_rho0"  # the method actually used, not a hard-coded label
         assert summary["status"] == "ok" and summary["params_ratio"] <= budget
         assert summary["compress_stats"]["passes"] >= 1 and summary["metrics"]["test/nll"] > 0
+        # bytes_deployed is the tensor data of the written model.safetensors (file less its length prefix and header)
+        weights = next((tmp_path / "compress").rglob(f"budget_{budget}/model.safetensors"))
+        header = int.from_bytes(weights.read_bytes()[:8], "little")
+        assert summary["bytes_deployed"] == weights.stat().st_size - 8 - header
+        assert summary["bytes_ratio"] == pytest.approx(summary["bytes_deployed"] / summary["bytes_original"])
+        assert summary["bytes_ratio"] < 1 and summary["bytes_breakdown"]["low_rank"] > 0
     member = next((tmp_path / "compress").rglob("budget_0.7"))
     cli("jactus.evaluate", [*TINY_QA, f"compact_dir={member}"], tmp_path / "eval")
     (evaluated,) = [json.loads(p.read_text()) for p in (tmp_path / "eval").rglob("summary.json")]
     assert evaluated["status"] == "ok" and evaluated["method"] == "jactus_rho0" and evaluated["budget"] == 0.7
     assert evaluated["params_deployed"] == summaries[0.7]["params_deployed"]
+    assert evaluated["bytes_deployed"] == summaries[0.7]["bytes_deployed"]
+    assert evaluated["bytes_ratio"] == summaries[0.7]["bytes_ratio"]
     for key, value in summaries[0.7]["metrics"].items():  # the same model on the same test split
         assert evaluated["metrics"][key] == pytest.approx(value, rel=1e-5), key
 

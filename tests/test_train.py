@@ -39,6 +39,7 @@ def test_fast_dev_run_writes_summary(family, method, compose_cfg, tmp_path):
     assert set(REQUIRED_KEYS) <= set(summary), set(REQUIRED_KEYS) - set(summary)
     assert summary["status"] == "ok" and summary["method"] == method
     assert summary["budget"] is None and summary["params_ratio"] == 1.0
+    assert summary["bytes_ratio"] == 1.0  # a full-size model deploys the dense model's bytes
     assert 0 < summary["params_trainable"] <= summary["params_original"]
     if method == "linear_probe":
         assert summary["params_trainable"] < summary["params_original"] / 2
@@ -60,6 +61,9 @@ def test_jactus_run_meets_budget(family, compose_cfg, tmp_path):
     assert summary["rank_stats"]["residual_total"] == pytest.approx(sum(residual.values()))
     assert "dense" in summary["metrics_before"] and "method" in summary["metrics_before"]
     assert (tmp_path / "run" / "compact" / "rank_map.json").is_file()
+    weights = tmp_path / "run" / "compact" / "model.safetensors"  # bytes_deployed: that file's tensor data
+    assert summary["bytes_deployed"] == weights.stat().st_size - 8 - int.from_bytes(weights.read_bytes()[:8], "little")
+    assert summary["bytes_ratio"] < 1
 
 
 @pytest.mark.parametrize("family,val_override", [("vision", "data.module.val_size=16"),

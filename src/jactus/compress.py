@@ -24,11 +24,11 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
-from .core import compress_model, count_params, save_compact
+from .core import compress_model, count_params, save_compact, stored_bytes
 from .core.calibration import to_device
 from .methods.base import MethodContext
 from .methods.jactus import Jactus
-from .summary import git_sha, write_summary
+from .summary import bytes_fields, git_sha, write_summary
 from .utils.run import CONF_DIR, build_run, method_label, task_wrapper
 from .utils.tables import print_results_table
 
@@ -70,6 +70,7 @@ def compress(cfg: DictConfig) -> list[dict]:
     test_loader = run.datamodule.test_dataloader() if cfg.evaluate else None
     rows = [("dense", module.evaluate(test_loader, device))] if test_loader is not None else []
     params_original = count_params(model)
+    bytes_original = stored_bytes(model)["total"]  # the compact models are written in the backbone's dtype
 
     def compressed():
         """(budget, method, compact model, seconds) per budget, one at a time (each goes once written)."""
@@ -115,7 +116,7 @@ def compress(cfg: DictConfig) -> list[dict]:
             "params_trainable": 0, "params_ratio": deployed / params_original, "metrics": metrics,
             "wall_s": compress_wall_s + time.perf_counter() - budget_start, "git_sha": git_sha(), "status": "ok",
             "experiment": cfg.get("experiment_name"), "fine_tuned": False, "compress_wall_s": compress_wall_s,
-            **method.summary(),
+            **bytes_fields(compact, bytes_original), **method.summary(),
         }
         if getattr(compact, "jactus_compress_stats", None) is not None:
             summary["compress_stats"] = compact.jactus_compress_stats

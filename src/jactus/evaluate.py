@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from .compress import resolve_device
 from .core import count_params, load_compact
-from .summary import ITEMS_FILE, git_sha, write_items, write_summary
+from .summary import ITEMS_FILE, bytes_fields, git_sha, write_items, write_summary
 from .utils.run import CONF_DIR, check_config, task_wrapper
 from .utils.tables import print_results_table
 
@@ -59,6 +59,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "params_deployed": params, "params_trainable": 0, "params_ratio": params / original if original else None,
         "metrics": metrics, "wall_s": time.perf_counter() - start, "git_sha": git_sha(), "status": "ok",
         "compact_dir": str(compact_dir), "fine_tuned": written.get("fine_tuned"),
+        **bytes_fields(model, written.get("bytes_original")),
     }
     items = module.item_records("test", default_task=cfg.data.name)
     if items:

@@ -1,10 +1,12 @@
 """summary.json: the one record of a run that reports, sweeps and checks read.
 
 Keys (always present): method, model, data, budget (null for full-size methods), seed, params_original,
-params_deployed, params_trainable, params_ratio (= deployed / original), metrics ({"test/acc": ..., "test/nll": ...
+params_deployed, params_trainable, params_ratio (= deployed / original), bytes_deployed (the deployed model's bytes
+as `save_compact` stores them: `jactus.core.stored_bytes`; null in a failed run), metrics ({"test/acc": ..., "test/nll": ...
 (mean negative log-likelihood of the gold label / answer), and "test/acc_<task>", "test/nll_<task>" where several
 tasks; "val/..." the same on the validation split}), wall_s, git_sha, status ("ok" | "failed").
-Optional: budget_scope (model | targets: what a compressing method's budget counts), experiment, metrics_before, compress_wall_s, compress_peak_mem_gb, rank_stats, rank_map, rank_residual
+Optional: bytes_original (the dense model's bytes in the deployed model's dtype), bytes_ratio (= bytes_deployed /
+bytes_original), bytes_breakdown (bytes by kind: dense, low_rank, sparse_values, sparse_index, buffers), budget_scope (model | targets: what a compressing method's budget counts), experiment, metrics_before, compress_wall_s, compress_peak_mem_gb, rank_stats, rank_map, rank_residual
 (per target, the whitened weight's spectral energy beyond its rank: with stats_mode=kfac the K-FAC proxy of the loss
 increase the plan predicts for that layer; 0 where dense), error, run_dir, items (the name of the per-item file below,
 when one was written).
@@ -30,7 +32,7 @@ ITEM_KEYS = ("split", "task", "index", "correct", "nll")
 ITEM_OPTIONAL_KEYS = ("budget",)  # a palette run's records name the member they belong to
 REQUIRED_KEYS = (
     "method", "model", "data", "budget", "seed", "params_original", "params_deployed", "params_trainable",
-    "params_ratio", "metrics", "wall_s", "git_sha", "status",
+    "params_ratio", "bytes_deployed", "metrics", "wall_s", "git_sha", "status",
 )
 
 
@@ -41,6 +43,18 @@ def git_sha() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def bytes_fields(deployed, bytes_original: int | None = None) -> dict:
+    """summary.json's byte keys for a deployed model: bytes_deployed, bytes_breakdown and, given the dense model's
+    bytes (in the deployed dtype), bytes_original and bytes_ratio."""
+    from .core import stored_bytes
+
+    counts = stored_bytes(deployed)
+    fields = {"bytes_deployed": counts.pop("total"), "bytes_breakdown": counts}
+    if bytes_original:
+        fields.update(bytes_original=bytes_original, bytes_ratio=fields["bytes_deployed"] / bytes_original)
+    return fields
 
 
 def write_summary(run_dir: str | Path, summary: dict) -> Path:

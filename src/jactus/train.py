@@ -18,9 +18,9 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import CompressionCallback
-from .core import save_compact
+from .core import model_dtype, save_compact, stored_bytes
 from .distill import DistillSettings
-from .summary import ITEMS_FILE, git_sha, write_items, write_summary
+from .summary import ITEMS_FILE, bytes_fields, git_sha, write_items, write_summary
 from .utils.run import CONF_DIR, build_run, flat_config, method_label, task_wrapper
 from .utils.tables import print_results_table
 
@@ -35,6 +35,7 @@ def train(cfg: DictConfig) -> dict:
     summary = {
         "method": label, "model": cfg.model.name, "data": cfg.data.name, "budget": None, "seed": int(cfg.seed),
         "params_original": None, "params_deployed": None, "params_trainable": None, "params_ratio": None,
+        "bytes_deployed": None,
         "metrics": {}, "wall_s": None, "git_sha": git_sha(), "status": "failed",
         "experiment": cfg.get("experiment_name"), "run_dir": str(run_dir),
     }
@@ -55,6 +56,9 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
     method = instantiate(cfg.method, _convert_="all")  # bad method options fail here, before any loading
     run = build_run(cfg)
     summary["lr"] = run.module.lr
+    # the dense model's bytes in the dtype the deployed model is written in, counted before any method changes it
+    bytes_original = stored_bytes(run.module.model, dtype=export_dtype(cfg.get("export_dtype"),
+                                                                       model_dtype(run.module.model)))["total"]
     compression = CompressionCallback(
         method,
         head_warmup_steps=cfg.calib.head_warmup_steps,
@@ -113,12 +117,14 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
         status="ok",
     )
     summary["params_ratio"] = summary["params_deployed"] / summary["params_original"]
+    summary.update(bytes_fields(deployed, bytes_original))
     for member, (budget, activate) in zip(palette, members, strict=True):
         activate(run.module.model)
         member_model = method.export(run.module.model).to(export_dtype(cfg.get("export_dtype"),
                                                                        compression.backbone_dtype))
         member["params_deployed"] = method.params_deployed(member_model)
         member["params_ratio"] = member["params_deployed"] / summary["params_original"]
+        member.update(bytes_fields(member_model, bytes_original))
         if cfg.save_compact and trainer.is_global_zero:
             _save_compact(member_model, run_dir / "compact" / f"budget_{budget}", run)
     if palette:

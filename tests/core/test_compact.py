@@ -64,3 +64,44 @@ def test_save_load_in_fresh_process(tiny_vit, tiny_llama, vision_batches, lm_dat
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_compact(tmp_path)
+
+
+def _safetensors_data_bytes(path) -> int:
+    """A safetensors file's tensor data: the file less its 8-byte length prefix and the JSON header."""
+    with open(path, "rb") as handle:
+        header = int.from_bytes(handle.read(8), "little")
+    return path.stat().st_size - 8 - header
+
+
+def test_stored_bytes_are_the_bytes_save_compact_writes(tiny_llama, lm_data, losses, tmp_path):
+    """`stored_bytes` (summary.json's bytes_deployed) counts what model.safetensors holds, tensor for tensor: tied
+    embeddings once, folded factors, a sparse correction's values and int64 index, bf16 factors at 2 bytes."""
+    from jactus.core import LowRankLinear, stored_bytes
+    from jactus.core.sparse import SparseDelta
+
+    make, split = lm_data
+    text = split(make(), [2, 2])
+    stats = calibrate(tiny_llama, text, losses["lm"], progress=False)
+    plan = plan_ranks(tiny_llama, stats, 0.8, rank_multiple=4)
+    factorize(tiny_llama, stats, plan, progress=False)
+    name, layer = next((n, m) for n, m in tiny_llama.named_modules() if isinstance(m, FactorizedLinear))
+    layer.sparse = SparseDelta(layer.out_features, layer.in_features, torch.arange(0, 50, 3))
+    counts = stored_bytes(tiny_llama)
+    save_compact(tiny_llama, tmp_path / "fp32")
+    assert counts["total"] == _safetensors_data_bytes(tmp_path / "fp32" / "model.safetensors")
+    assert counts["sparse_index"] == 17 * 8 and counts["sparse_values"] == 17 * 4
+    low_rank = sum((m.in_features + m.out_features) * m.rank + (m.out_features if m.bias is not None else 0)
+                   for m in tiny_llama.modules() if isinstance(m, FactorizedLinear))
+    assert counts["low_rank"] == 4 * low_rank
+    embed = tiny_llama.model.embed_tokens.weight
+    assert counts["dense"] >= 4 * embed.numel()  # tied with lm_head: stored once
+    assert counts["total"] == sum(counts[kind] for kind in ("dense", "low_rank", "sparse_values", "sparse_index",
+                                                            "buffers"))
+
+    compact = load_compact(tmp_path / "fp32").to(torch.bfloat16)
+    assert any(isinstance(m, LowRankLinear) for m in compact.modules())
+    half = stored_bytes(compact)
+    save_compact(compact, tmp_path / "bf16")
+    assert half["total"] == _safetensors_data_bytes(tmp_path / "bf16" / "model.safetensors")
+    assert half["low_rank"] == counts["low_rank"] // 2 and half["sparse_index"] == counts["sparse_index"]
+    assert name in json.loads((tmp_path / "bf16" / "rank_map.json").read_text())

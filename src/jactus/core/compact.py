@@ -7,7 +7,9 @@ A compact directory holds
   aliases in the file's metadata;
 - `rank_map.json`: layer -> rank (low-rank layers) or null (targets kept dense);
 - `arch.json`: how to rebuild the backbone without its weights: `{"library": "timm", "name", "kwargs"}` or
-  `{"library": "transformers", "config": config.to_dict(), "class": ...}`.
+  `{"library": "transformers", "config": config.to_dict(), "class": ...}`;
+- `generation_config.json` (a model that has a generation config): its own generation settings (sampling defaults,
+  stop ids), which a model rebuilt from its config alone would not have; `load_compact` and jactus-export carry them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .factorize import apply_rank_map
 from .layers import FactorizedLinear, LowRankLinear
 
 WEIGHTS_FILE, RANK_MAP_FILE, ARCH_FILE = "model.safetensors", "rank_map.json", "arch.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 _ALIASES, _NON_PERSISTENT = "jactus_aliases", "jactus_non_persistent_buffers"
 
 
@@ -77,18 +80,13 @@ def _deployed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], set[st
     return tensors, non_persistent
 
 
-def save_compact(model: nn.Module, path: str | Path, arch: Mapping | None = None) -> Path:
-    """Write the deployable model to the directory `path` (created); returns the path."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    arch = _architecture(model, arch)
-    rank_map = _rank_map(model)
+def _distinct_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], set[str]]:
+    """name -> tensor of each distinct deployed tensor (factorized layers folded; not copied), the aliases (a name ->
+    the name of the same tensor: tied weights) and the names of non-persistent buffers."""
     tensors, non_persistent = _deployed_tensors(model)
-    unique: dict[str, torch.Tensor] = {}
+    distinct: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     owner: dict[tuple, str] = {}
-    saved_storages: set[int] = set()
     for name, tensor in tensors.items():
         tensor = tensor.detach()
         key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
@@ -97,6 +95,54 @@ def save_compact(model: nn.Module, path: str | Path, arch: Mapping | None = None
             aliases[name] = owner[key]
             continue
         owner[key] = name
+        distinct[name] = tensor
+    return distinct, aliases, non_persistent
+
+
+BYTE_KINDS = ("dense", "low_rank", "sparse_values", "sparse_index", "buffers")
+
+
+def stored_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, int]:
+    """The deployed model's bytes as `save_compact` stores them (the tensor data of `model.safetensors`, without its
+    JSON header), by kind: `low_rank` (the folded factors of low-rank layers and their biases), `sparse_values` and
+    `sparse_index` (a sparse correction's values and its flat int64 positions), `buffers` (non-trainable state such
+    as rotary tables), `dense` (every other parameter: embeddings, dense linears, norms, heads), and `total`. A
+    pruned dense layer (TACO) stores its zeros: that is the format written today (docs/METHOD.md section 10).
+    `dtype`: count floating-point tensors as if cast to it (the dense model's bytes in the deployed model's dtype)."""
+    distinct, _, _ = _distinct_tensors(model)
+    low_rank = [f"{name}." for name, module in model.named_modules()
+                if isinstance(module, (FactorizedLinear, LowRankLinear))]
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    counts = dict.fromkeys(BYTE_KINDS, 0)
+    for name, tensor in distinct.items():
+        cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        size = tensor.numel() * cast.itemsize
+        if name.endswith(".sparse.values"):
+            kind = "sparse_values"
+        elif name.endswith(".sparse.index"):
+            kind = "sparse_index"
+        elif any(name.startswith(prefix) for prefix in low_rank):
+            kind = "low_rank"
+        elif name in parameters:
+            kind = "dense"
+        else:
+            kind = "buffers"
+        counts[kind] += size
+    counts["total"] = sum(counts[kind] for kind in BYTE_KINDS)
+    return counts
+
+
+def save_compact(model: nn.Module, path: str | Path, arch: Mapping | None = None) -> Path:
+    """Write the deployable model to the directory `path` (created); returns the path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    arch = _architecture(model, arch)
+    rank_map = _rank_map(model)
+    distinct, aliases, non_persistent = _distinct_tensors(model)
+    unique: dict[str, torch.Tensor] = {}
+    saved_storages: set[int] = set()
+    for name, tensor in distinct.items():
         copy = tensor.cpu().contiguous()
         # safetensors refuses tensors that share memory: a view of a larger or already saved storage is copied.
         storage = copy.untyped_storage()
@@ -109,6 +155,8 @@ def save_compact(model: nn.Module, path: str | Path, arch: Mapping | None = None
     save_file(unique, str(path / WEIGHTS_FILE), metadata=metadata)
     (path / RANK_MAP_FILE).write_text(json.dumps(rank_map, indent=2))
     (path / ARCH_FILE).write_text(json.dumps(arch, indent=2, default=str))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.to_json_file(str(path / GENERATION_CONFIG_FILE), use_diff=True)
     return path
 
 
@@ -185,4 +233,8 @@ def load_compact(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
         raise RuntimeError(f"compact model {path}: tensors {left[:5]} were not in {WEIGHTS_FILE}")
     model.jactus_arch = arch
     model.jactus_rank_map = rank_map
+    if (path / GENERATION_CONFIG_FILE).is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
     return model.eval()
