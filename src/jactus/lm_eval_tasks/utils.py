@@ -17,14 +17,16 @@ ITEM_OPTIONS = ("split", "seed", "test_per_task", "root")
 def load_dataset(task: str, tokenizer: str | None = None, pretrained: str | None = None,
                  trust_remote_code: bool = False, **metadata):
     """lm-eval's `custom_dataset`: called with the task's `dataset_kwargs` (task) and the run's metadata (the
-    model arguments and `--metadata`). The tokenizer for the token counts: `tokenizer`, else `pretrained` when it
-    is a name or path (an instance passed in Python has none: use `jactus.lm_eval_tasks.evaluate`)."""
+    model arguments and `--metadata`). The tokenizer for the token counts and the continuation texts: `tokenizer`,
+    else `pretrained` when it is a name or path (an instance passed in Python has none: use
+    `jactus.lm_eval_tasks.evaluate`)."""
     import datasets
 
     source = tokenizer if isinstance(tokenizer, str) else pretrained if isinstance(pretrained, str) else None
     if source is None:
         log.warning("%s: no tokenizer name or path in the model arguments or --metadata: acc_per_token (jactus's "
-                    "per-token normalisation) is left out", task)
+                    "per-token normalisation) is left out, and the choices go to lm-eval as their own text (with a "
+                    "SentencePiece tokenizer lm-eval then scores `yes` where jactus scores `▁yes`)", task)
     options = {key: metadata[key] for key in ITEM_OPTIONS if metadata.get(key) is not None}
     docs = task_docs(task, tokenizer=source, trust_remote_code=trust_remote_code, **options)
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
