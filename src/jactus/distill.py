@@ -13,7 +13,9 @@ Temperature: a classifier's cached logits are tempered at loss time (exact for a
 vocabulary is cut to its top k when cached, so it is cached at the run's temperature: the top-k log-probabilities
 of softmax(z / T) and log(1 - their mass). The student's side is the same k tokens of its own tempered softmax plus
 the complement bucket, so the KL is exact over the k + 1 outcomes (a lower bound of the full-vocabulary KL by the
-data-processing inequality) and zero when the student equals the teacher.
+data-processing inequality) and zero when the student equals the teacher. Such a cache serves only the temperature
+and top-k it was built with (`TeacherCache.mismatched_settings`): `Distillation` refuses another temperature, and a
+run resumed from a checkpoint with another `distill.temperature` or `distill.topk` fails (`CompressionCallback`).
 
 Memory: a classifier caches N x C floats (CIFAR-100, 50k items: 20 MB); an LM N x answer tokens x k x 8 bytes
 (commonsense_170k at k = 32 and ~20 answer tokens an item: ~0.9 GB of host memory). Cost: one forward pass of the
@@ -77,6 +79,18 @@ class TeacherCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for entry in self.entries.values() for t in entry)
+
+    def mismatched_settings(self, temperature: float, topk: int | None = None) -> list[str]:
+        """The settings these targets were built with that differ from `temperature` / `topk` (None: not compared),
+        as `distill.<key>: <built> in the cache, <given> in this run` phrases; [] when the targets serve those
+        settings. An LM's cache holds softmax(z / T) cut to its top k, so both are in it; a classifier's logits are
+        tempered at loss time and hold neither."""
+        if self.kind != "topk":
+            return []
+        given = {"temperature": float(temperature), "topk": topk}
+        built = {"temperature": self.temperature, "topk": self.topk}
+        return [f"distill.{key}: {built[key]} in the cache, {value} in this run" for key, value in given.items()
+                if value is not None and value != built[key]]
 
     def state_dict(self) -> dict:
         """What a checkpoint stores, so a resumed run distils toward the same targets without the dense model."""
@@ -206,6 +220,11 @@ class Distillation:
 
     def __post_init__(self):
         check_options(self.weight, self.temperature, None)
+        mismatched = self.cache.mismatched_settings(self.temperature) if self.cache is not None else []
+        if mismatched:
+            # the cached teacher is tempered already: another T would compare a T1 teacher with a T2 student
+            raise ValueError(f"the teacher cache was built at another temperature ({', '.join(mismatched)}): "
+                             f"distil at the cache's temperature, or rebuild the cache at {self.temperature}")
 
     def term(self, model: torch.nn.Module, batch, student_logits: torch.Tensor) -> torch.Tensor:
         scale = self.weight * self.temperature ** 2

@@ -1,6 +1,7 @@
 """Distillation from the dense model (METHOD.md section 9): the cache is the dense model's output on the training
-examples, weight 0 is exactly the plain loss, the KL is zero at student = teacher with finite gradients otherwise,
-TuneComp's own teacher is the dense model, and bad options fail early."""
+examples, weight 0 is exactly the plain loss and weight w adds exactly w * T^2 * KL_T, the KL is zero at student =
+teacher with finite gradients otherwise, TuneComp's own teacher is the dense model, a resume refuses a cache built with
+other settings, and bad options fail early."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from jactus.callbacks.compression import CHECKPOINT_KEY, DISTILL_CHECKPOINT_KEY, CompressionCallback
 from jactus.data import QADataModule, VisionDataModule
 from jactus.distill import Distillation, DistillSettings, build_cache, kl_from_cache
 from jactus.lit.qa import CausalLMQA
@@ -89,23 +91,45 @@ def _training_step(module, batch):
     return module.training_step(batch, 0)
 
 
+def reference_kl(student_logits, targets, kind, temperature):
+    """Mean over rows of KL(teacher_T || student_T), written out in fp64 apart from `jactus.distill`: over the classes
+    for a classifier's cached logits; for an LM's cache over the teacher's k tokens plus one outcome for every other
+    token, whose probabilities are exp(rest) for the teacher and 1 - (the student's mass on the k tokens)."""
+    scaled = student_logits.double() / temperature
+    student = scaled - scaled.logsumexp(-1, keepdim=True)
+    if kind == "logits":
+        teacher_scaled = targets[0].double() / temperature
+        teacher = teacher_scaled - teacher_scaled.logsumexp(-1, keepdim=True)
+        return (teacher.exp() * (teacher - student)).sum(-1).mean()
+    values, tokens, rest = targets[0].double(), targets[1].long(), targets[2].double()
+    torch.testing.assert_close(values.exp().sum(-1) + rest.exp(), torch.ones_like(rest))  # k + 1 outcomes
+    picked = student.gather(-1, tokens)
+    student_rest = torch.log1p(-picked.exp().sum(-1))
+    per_row = (values.exp() * (values - picked)).sum(-1) + rest.exp() * (rest - student_rest)
+    return per_row.mean()
+
+
 @pytest.mark.parametrize("run", RUNS)
-def test_weight_zero_is_exactly_the_plain_loss_and_a_positive_weight_adds_the_kl(run):
+def test_weight_zero_is_exactly_the_plain_loss_and_a_positive_weight_adds_w_t2_kl(run):
+    """distilled - plain = w * T^2 * KL_T, with KL_T from the cached targets and the student's logits (`reference_kl`),
+    at T = 2 so that a missing T^2, an untempered side or a lost remainder term would all show."""
     module, data = RUNS[run]()
-    cache = cache_for(module, data)
+    weight, temperature = 0.5, 2.0
+    cache = cache_for(module, data, temperature)  # an LM's cache holds the teacher at the run's temperature
     batch = next(iter(data.train_dataloader()))
     with torch.no_grad():  # the student moves away from the teacher so the KL is not zero
         for param in module.model.parameters():
             param.add_(0.05 * torch.randn_like(param))
     module.model.eval()  # no dropout: the same loss twice
     plain = _training_step(module, batch)
-    module.distillation = Distillation(0.0, cache=cache)
+    module.distillation = Distillation(0.0, temperature=temperature, cache=cache)
     assert torch.equal(_training_step(module, batch), plain)
-    module.distillation = Distillation(0.5, temperature=2.0, cache=cache)
+    module.distillation = Distillation(weight, temperature=temperature, cache=cache)
     distilled = _training_step(module, batch)
-    kl = kl_from_cache(dense_logits(module, batch), cache.gather(
-        batch[2] if run == "vision" else batch["example_idx"], torch.device("cpu")), cache.kind, 1.0)
-    assert kl > 0 and distilled > plain
+    targets = cache.gather(batch[2] if run == "vision" else batch["example_idx"], torch.device("cpu"))
+    expected = weight * temperature ** 2 * reference_kl(dense_logits(module, batch), targets, cache.kind, temperature)
+    assert expected > 1e-4  # a hundred times the tolerance below: not a check of 0 against 0
+    torch.testing.assert_close((distilled - plain).double(), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("run", RUNS)
@@ -162,6 +186,33 @@ def test_tunecomp_teacher_is_the_dense_model():
     torch.testing.assert_close(teacher, reference)
     assert not torch.allclose(student, reference)
     assert all(layer.teacher_weight < 1 for layer in module.model.modules() if hasattr(layer, "teacher_weight"))
+
+
+@pytest.mark.parametrize(("run", "temperature", "topk", "match"), [
+    ("qa", 1.0, 8, None),
+    ("qa", 2.0, 8, r"distill.temperature: 1.0 in the cache, 2.0 in this run"),
+    ("qa", 1.0, 16, r"distill.topk: 8 in the cache, 16 in this run"),
+    ("vision", 2.0, 16, None),  # a classifier's logits are tempered at loss time: any T is exact
+])
+def test_resume_refuses_a_teacher_cache_built_with_other_settings(run, temperature, topk, match, tmp_path):
+    """A resumed run distils toward the checkpoint's cache: an LM's holds softmax(z / T) cut to its top k, so a
+    resume with another temperature or top-k fails, naming both values, instead of comparing a T1 teacher with a T2
+    student."""
+    module, data = RUNS[run]()
+    cache = cache_for(module, data, temperature=1.0, topk=8)
+    path = tmp_path / "last.ckpt"
+    torch.save({CHECKPOINT_KEY: {"name": "jactus", "structure": None},
+                DISTILL_CHECKPOINT_KEY: cache.state_dict()}, path)
+    callback = CompressionCallback(Jactus(), distill=DistillSettings(weight=0.5, temperature=temperature, topk=topk))
+    if match is None:
+        callback._rebuild_from_checkpoint(str(path), module)
+        assert callback.teacher_cache.entries.keys() == cache.entries.keys()
+        return
+    with pytest.raises(ValueError, match=match + r".*resume with the original values, or start a new run"):
+        callback._rebuild_from_checkpoint(str(path), module)
+    assert callback.teacher_cache is None
+    with pytest.raises(ValueError, match=r"distill.temperature: 1.0 in the cache, 3.0 in this run"):
+        Distillation(0.5, temperature=3.0, cache=cache)
 
 
 def test_bad_distillation_options_fail_early():

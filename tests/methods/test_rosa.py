@@ -1,6 +1,7 @@
 """RoSA (LoRA + a sparse adapter whose support is chosen by the weight Fisher after a LoRA warm-up) on a tiny timm ViT
-and a tiny Llama: exact non-zeros per layer, LoRA alone during the warm-up, the support from the scored steps, exact
-merge at export, resume, bf16 backbones, and clear errors for bad options."""
+and a tiny Llama: exact non-zeros per layer, LoRA alone during the warm-up, the support from the scored steps, the
+sparse values' AdamW state starting at selection, exact merge at export, resume, bf16 backbones, and clear errors for
+bad options."""
 
 from __future__ import annotations
 
@@ -120,6 +121,64 @@ def test_warmup_trains_lora_alone_then_the_sparse_values(backbone):
     train(method, model, batches, loss_fn, steps=2)  # steps 0, 1 of a fresh loop: selection is not repeated
     assert method.selected_at_step == 3
     assert all(not torch.equal(v, before[n]) for n, v in values_of(model).items())
+
+
+def adamw_steps(method, model, optimizer, batches, loss_fn, steps: range, max_steps: int):
+    """The plain loop of `train` on a given optimizer, so a test can read its state and carry it over a resume."""
+    model.train()
+    for step in steps:
+        method.on_train_batch_start(model, step, max_steps)
+        optimizer.zero_grad()
+        loss_fn(model, batches[step % len(batches)]).backward()
+        optimizer.step()
+
+
+def test_sparse_values_take_a_fresh_adamw_first_step_after_selection():
+    """Through the warm-up the sparse values get zero gradients and AdamW counts those steps; at selection their state
+    starts afresh, so the first update after it is a fresh AdamW's first, lr * g / (|g| + eps), not one scaled by the
+    bias correction of a step count that includes the warm-up (about 0.5x here)."""
+    warmup, lr, eps = 5, 1e-2, 1e-8
+    method = RoSA(r=2, lora_alpha=4, lora_dropout=0.0, density=0.05, warmup_steps=warmup, grad_batches=1)
+    model, _, batches, loss_fn = apply_method("llama", method)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, eps=eps)
+    values = {name: layer.sparse.values for name, layer in sparse_layers(model).items()}
+    adamw_steps(method, model, optimizer, batches, loss_fn, range(warmup), max_steps=10)
+    assert all(int(optimizer.state[v]["step"]) == warmup for v in values.values())  # the zero gradients counted
+
+    adamw_steps(method, model, optimizer, batches, loss_fn, range(warmup, warmup + 1), max_steps=10)
+    assert method.selected_at_step == warmup
+    for name, value in values.items():
+        grad = value.grad
+        assert grad.abs().sum() > 0, name
+        assert int(optimizer.state[value]["step"]) == 1, name
+        torch.testing.assert_close(value.detach(), -lr * grad / (grad.abs() + eps))  # from S = 0
+    adamw_steps(method, model, optimizer, batches, loss_fn, range(warmup + 1, warmup + 2), max_steps=10)
+    assert all(int(optimizer.state[v]["step"]) == 2 for v in values.values())  # reset once, not every step
+
+
+@pytest.mark.parametrize("resume_at", [3, 7], ids=["during_warmup", "after_selection"])
+def test_sparse_values_adamw_state_starts_at_selection_across_a_resume(resume_at):
+    """A run resumed from (model, optimizer, structure) state, as a Lightning checkpoint holds it: resumed in the
+    warm-up, the state still restarts at selection; resumed after it, the restored state is kept (not restarted)."""
+    def make():
+        return RoSA(r=2, lora_dropout=0.0, density=0.05, warmup_steps=4, grad_batches=1)
+
+    def adamw(model):
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    method = make()
+    model, original, batches, loss_fn = apply_method("vit", method)
+    optimizer = adamw(model)
+    adamw_steps(method, model, optimizer, batches, loss_fn, range(resume_at), max_steps=9)
+    resumed_method = make()
+    resumed = resumed_method.rebuild(original, method.structure())
+    resumed.load_state_dict(model.state_dict())
+    resumed_optimizer = adamw(resumed)
+    resumed_optimizer.load_state_dict(optimizer.state_dict())
+    adamw_steps(resumed_method, resumed, resumed_optimizer, batches, loss_fn, range(resume_at, 9), max_steps=9)
+    assert resumed_method.selected_at_step == 4
+    steps = {int(resumed_optimizer.state[layer.sparse.values]["step"]) for layer in sparse_layers(resumed).values()}
+    assert steps == {9 - 4}  # the steps from selection (step 4) on: 4, ..., 8
 
 
 def test_support_is_the_top_weight_fisher_of_the_scored_step():

@@ -11,7 +11,8 @@ broadcast, and every rank holds the identical factorization.
 Distillation (METHOD.md section 9): with `distill.weight` > 0 the dense model's targets are cached over the training
 set after the head warm-up and before the method changes the model (or, for a method with its own teacher such as
 TuneComp, computed by that teacher each step); the LightningModule adds the KL term in `training_step`. The cache
-travels in checkpoints, so a resumed run distils toward the same targets.
+travels in checkpoints, so a resumed run distils toward the same targets; an LM's cache is built at the run's
+`distill.temperature` and `distill.topk`, so a resume with other values fails rather than change the objective.
 
 Precision (METHOD.md section 8): after the method is applied (or its structure rebuilt for a resume, before Lightning
 loads the checkpoint's weights into it), every trainable tensor is cast to fp32 while the frozen ones keep the
@@ -207,7 +208,14 @@ class CompressionCallback(Callback):
                 raise ValueError(f"checkpoint {ckpt_path} holds no distillation targets, but this run has "
                                  f"distill.weight={self.distill_weight}: resume with the distill settings it was "
                                  f"trained with")
-            self.teacher_cache = TeacherCache.from_state_dict(checkpoint[DISTILL_CHECKPOINT_KEY])
+            cache = TeacherCache.from_state_dict(checkpoint[DISTILL_CHECKPOINT_KEY])
+            mismatched = cache.mismatched_settings(self.distill.temperature, self.distill.topk)
+            if mismatched:
+                raise ValueError(f"checkpoint {ckpt_path} distils toward dense-model targets built with other settings "
+                                 f"({'; '.join(mismatched)}): they would no longer match the student's side of the "
+                                 f"KL; resume with the original values, or start a new run (no ckpt_path) to "
+                                 f"rebuild the targets")
+            self.teacher_cache = cache
 
     # ---- during training -------------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

@@ -3,17 +3,21 @@
 `S` has a fixed number of non-zeros (`nnz`, known from the density and the shape), whose values are an fp32 parameter
 from the start, so an optimizer built before training owns them; its support (`sparse.index`, a buffer that
 checkpoints carry) is chosen later, once, by `select` (RoSA picks it after a LoRA warm-up). Until then the adapter adds
-nothing. The frozen weight and bias are the base layer's own parameter objects, so the state-dict names stay
-`weight` and `bias`, and a LoRA wrapper (PEFT) merges into `weight` as into any `nn.Linear`.
+nothing, and the values get zero gradients that an optimizer still counts as steps: `restart_optimizer_state` makes
+the step after `select` their first. The frozen weight and bias are the base layer's own parameter objects, so the
+state-dict names stay `weight` and `bias`, and a LoRA wrapper (PEFT) merges into `weight` as into any `nn.Linear`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
 
 from .sparse import SparseDelta
 
@@ -67,3 +71,25 @@ class SparseAdaptedLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, nnz={self.sparse.nnz}, active={self.active}"
+
+
+def restart_optimizer_state(params: Iterable[nn.Parameter]) -> RemovableHandle:
+    """At the next step of an optimizer that holds any of `params`, drop their state in it before it updates them, so
+    that step is their first (AdamW: step count, both moments); then the hook removes itself.
+
+    Why: AdamW counts the zero-gradient steps before `select` and its moments stay zero, so its bias correction would
+    take the first real gradients at `1 - beta^t` of a late step t, not of step 1 (after 64 warm-up steps, with a
+    steady gradient: 0.8x a fresh optimizer's first step, 1.8x its 15th, still 1.3x its 100th). The hook is on every
+    optimizer's step because the optimizer is not in reach of the code that selects; a checkpoint written after that
+    step holds the restarted state, so a resumed run neither needs nor gets another restart."""
+    wanted = {id(param): param for param in params}  # by identity: a tensor's == compares values
+
+    def before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        held = [param for group in optimizer.param_groups for param in group["params"] if id(param) in wanted]
+        if held:
+            for param in held:
+                optimizer.state.pop(param, None)
+            handle.remove()
+
+    handle = register_optimizer_step_pre_hook(before_step)
+    return handle

@@ -5,8 +5,9 @@ LoRA adapters (HF PEFT, as `lora`) plus, per target linear, a sparse adapter `S`
 step `warmup_steps`, as the layer's top entries of the empirical diagonal Fisher of its (frozen) weight, the squared
 weight gradient `(g^T x)^2` summed over the last `grad_batches` warm-up steps (`core.sparse.FisherAccumulator`: hooks,
 row blocks, running sums on the CPU in fp32, all-reduced across ranks so every rank picks the same support). From then
-on the sparse values train together with LoRA. `warmup_steps = 0` chooses the support in `apply`, from the first
-`grad_batches` calibration batches on the model with LoRA at init (the base model's gradient).
+on the sparse values train together with LoRA, their optimizer state starting afresh at that step
+(`core.sparse_adapter.restart_optimizer_state`). `warmup_steps = 0` chooses the support in `apply`, from the first
+`grad_batches` calibration batches on the model with LoRA at init (the base model's gradient), before any optimizer.
 
 `export` merges both into `W` and puts the plain `nn.Linear` back: the deployed model is the original architecture at
 100% size. A checkpoint's structure records the non-zeros per layer and whether the support was chosen; the support
@@ -22,9 +23,10 @@ import time
 from collections.abc import Sequence
 
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ..core.sparse import FisherAccumulator, sparse_index_bytes, top_support, weight_fisher
-from ..core.sparse_adapter import SparseAdaptedLinear, density_nnz
+from ..core.sparse_adapter import SparseAdaptedLinear, density_nnz, restart_optimizer_state
 from ..core.targets import _matches
 from .base import MethodContext, register, set_trainable
 from .peft_adapters import PeftAdapterMethod, is_adapter_parameter, merge_adapters
@@ -76,6 +78,8 @@ class RoSA(PeftAdapterMethod):
         self.shapes: dict[str, tuple[int, int]] = {}
         self.selected_at_step: int | None = None
         self.fisher: FisherAccumulator | None = None
+        # between selection and the next optimizer step: the pending `restart_optimizer_state` hook
+        self.optimizer_restart: RemovableHandle | None = None
         self.warned_short_run = False
         self.select_wall_s: float | None = None
         self.index_bytes: int | None = None
@@ -110,6 +114,7 @@ class RoSA(PeftAdapterMethod):
 
     def apply(self, ctx: MethodContext) -> nn.Module:
         self.nnz, self.selected_at_step = {}, None
+        self._drop_optimizer_restart()
         model = super().apply(ctx)
         if self.warmup_steps == 0:
             batches = list(itertools.islice(ctx.calibration_batches or (), self.grad_batches))
@@ -156,6 +161,14 @@ class RoSA(PeftAdapterMethod):
             scores = self.fisher.reduced()
             self.fisher = None
             self._select(model, scores, step, start)
+            # The values' optimizer state starts here: the warm-up's zero gradients must not count as their steps.
+            self.optimizer_restart = restart_optimizer_state(
+                self._sparse_layer(model, name).sparse.values for name in self.adapted_layers)
+
+    def _drop_optimizer_restart(self) -> None:
+        if self.optimizer_restart is not None:
+            self.optimizer_restart.remove()
+            self.optimizer_restart = None
 
     def _select(self, model: nn.Module, scores: dict, step: int, start: float) -> None:
         for name in self.adapted_layers:
@@ -172,6 +185,7 @@ class RoSA(PeftAdapterMethod):
         if self.fisher is not None:
             self.fisher.remove()
             self.fisher = None
+        self._drop_optimizer_restart()
         model = merge_adapters(model)
         for name, module in list(model.named_modules()):
             if isinstance(module, SparseAdaptedLinear):
