@@ -77,7 +77,8 @@ def compress(cfg: DictConfig) -> list[dict]:
         if isinstance(methods[0], Jactus) and not methods[0].sparse_share:  # one calibration for every budget
             method = methods[0]
             begin = time.perf_counter()
-            results = compress_model(model, calibration, module.calibration_loss, budgets, targets=method.targets,
+            planned = [method.params_budget(model, budget, method.targets) for budget in budgets]  # unit=bytes
+            results = compress_model(model, calibration, module.calibration_loss, planned, targets=method.targets,
                                      allocator=method.allocator, scope=method.scope,
                                      rank_multiple=method.rank_multiple, rho=method.rho,
                                      weight_basis=method.weight_basis, stats_mode=method.stats_mode,
@@ -116,6 +117,7 @@ def compress(cfg: DictConfig) -> list[dict]:
             "params_trainable": 0, "params_ratio": deployed / params_original, "metrics": metrics,
             "wall_s": compress_wall_s + time.perf_counter() - budget_start, "git_sha": git_sha(), "status": "ok",
             "experiment": cfg.get("experiment_name"), "fine_tuned": False, "compress_wall_s": compress_wall_s,
+            "budget_scope": getattr(method, "scope", None), "budget_unit": method.unit,
             **bytes_fields(compact, bytes_original), **method.summary(),
         }
         if getattr(compact, "jactus_compress_stats", None) is not None:

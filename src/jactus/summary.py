@@ -6,7 +6,8 @@ as `save_compact` stores them: `jactus.core.stored_bytes`; null in a failed run)
 (mean negative log-likelihood of the gold label / answer), and "test/acc_<task>", "test/nll_<task>" where several
 tasks; "val/..." the same on the validation split}), wall_s, git_sha, status ("ok" | "failed").
 Optional: bytes_original (the dense model's bytes in the deployed model's dtype), bytes_ratio (= bytes_deployed /
-bytes_original), bytes_breakdown (bytes by kind: dense, low_rank, sparse_values, sparse_index, buffers), budget_scope (model | targets: what a compressing method's budget counts), experiment, metrics_before, compress_wall_s, compress_peak_mem_gb, rank_stats, rank_map, rank_residual
+bytes_original), bytes_breakdown (bytes by kind: dense, low_rank, sparse_values, sparse_index, buffers), budget_scope (model | targets: what a compressing method's budget counts), budget_unit (params | bytes: the
+budget counts retained parameters or stored bytes), experiment, metrics_before, compress_wall_s, compress_peak_mem_gb, rank_stats, rank_map, rank_residual
 (per target, the whitened weight's spectral energy beyond its rank: with stats_mode=kfac the K-FAC proxy of the loss
 increase the plan predicts for that layer; 0 where dense), error, run_dir, items (the name of the per-item file below,
 when one was written).

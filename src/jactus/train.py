@@ -104,6 +104,7 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
         budget=method.budget,
         # what the budget counts (model | targets): the same budget over another scope is another row of a report
         budget_scope=getattr(method, "scope", None) if method.budget is not None else None,
+        budget_unit=method.unit if method.budget is not None else None,  # params | bytes: what the budget counts
         params_original=compression.params_original,
         params_trainable=compression.params_trainable,
         params_deployed=method.params_deployed(deployed),

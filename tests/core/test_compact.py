@@ -75,7 +75,7 @@ def _safetensors_data_bytes(path) -> int:
 
 def test_stored_bytes_are_the_bytes_save_compact_writes(tiny_llama, lm_data, losses, tmp_path):
     """`stored_bytes` (summary.json's bytes_deployed) counts what model.safetensors holds, tensor for tensor: tied
-    embeddings once, folded factors, a sparse correction's values and int64 index, bf16 factors at 2 bytes."""
+    embeddings once, folded factors, a sparse correction's values and int32 positions, bf16 factors at 2 bytes."""
     from jactus.core import LowRankLinear, stored_bytes
     from jactus.core.sparse import SparseDelta
 
@@ -89,7 +89,7 @@ def test_stored_bytes_are_the_bytes_save_compact_writes(tiny_llama, lm_data, los
     counts = stored_bytes(tiny_llama)
     save_compact(tiny_llama, tmp_path / "fp32")
     assert counts["total"] == _safetensors_data_bytes(tmp_path / "fp32" / "model.safetensors")
-    assert counts["sparse_index"] == 17 * 8 and counts["sparse_values"] == 17 * 4
+    assert counts["sparse_index"] == 17 * 4 and counts["sparse_values"] == 17 * 4  # int32 positions
     low_rank = sum((m.in_features + m.out_features) * m.rank + (m.out_features if m.bias is not None else 0)
                    for m in tiny_llama.modules() if isinstance(m, FactorizedLinear))
     assert counts["low_rank"] == 4 * low_rank
@@ -105,3 +105,44 @@ def test_stored_bytes_are_the_bytes_save_compact_writes(tiny_llama, lm_data, los
     assert half["total"] == _safetensors_data_bytes(tmp_path / "bf16" / "model.safetensors")
     assert half["low_rank"] == counts["low_rank"] // 2 and half["sparse_index"] == counts["sparse_index"]
     assert name in json.loads((tmp_path / "bf16" / "rank_map.json").read_text())
+
+
+def test_bitmask_weights_and_int32_positions_round_trip_exactly(tiny_llama, tmp_path):
+    """A pruned linear marked for the bitmask format stores its non-zeros and one bit an entry; a sparse correction's
+    positions go as int32; load_compact gives back the very same model, and the file holds what stored_bytes says."""
+    from jactus.core import LowRankLinear, stored_bytes
+    from jactus.core.compact import bitmask_bytes, pack_bitmask, unpack_bitmask
+    from jactus.core.factorize import apply_rank_map
+    from jactus.core.sparse import SparseDelta
+
+    mask = torch.rand(7, 13) > 0.4
+    packed = pack_bitmask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == bitmask_bytes(7, 13) == 12
+    assert torch.equal(unpack_bitmask(packed, (7, 13)), mask)
+
+    pruned = tiny_llama.model.layers[0].mlp.gate_proj
+    with torch.no_grad():
+        pruned.weight.mul_(torch.rand_like(pruned.weight) > 0.75)
+    pruned.jactus_weight_format = "bitmask"
+    nnz = int(torch.count_nonzero(pruned.weight))
+    apply_rank_map(tiny_llama, {"model.layers.1.mlp.up_proj": 4}, LowRankLinear)
+    low_rank = tiny_llama.model.layers[1].mlp.up_proj
+    with torch.no_grad():
+        for param in low_rank.parameters():
+            param.normal_()
+    low_rank.sparse = SparseDelta(low_rank.out_features, low_rank.in_features, torch.tensor([3, 40, 500]),
+                                  torch.tensor([0.5, -1.0, 2.0]))
+    dense_bytes = stored_bytes(tiny_llama)
+    assert dense_bytes["sparse_values"] == 4 * (nnz + 3)
+    assert dense_bytes["sparse_index"] == bitmask_bytes(*pruned.weight.shape) + 3 * 4
+    save_compact(tiny_llama, tmp_path / "c")
+    assert dense_bytes["total"] == _safetensors_data_bytes(tmp_path / "c" / "model.safetensors")
+
+    loaded = load_compact(tmp_path / "c")
+    assert torch.equal(loaded.model.layers[0].mlp.gate_proj.weight, pruned.weight)
+    assert loaded.model.layers[1].mlp.up_proj.sparse.index.dtype == torch.long
+    assert torch.equal(loaded.model.layers[1].mlp.up_proj.sparse.index, torch.tensor([3, 40, 500]))
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, tiny_llama(input_ids=ids).logits)
+    assert stored_bytes(loaded) == dense_bytes  # a resave keeps the format

@@ -5,6 +5,10 @@ A compact directory holds
   rebuild is exact), each `FactorizedLinear` folded into `LowRankLinear` weights (`down.weight = V^T`,
   `up.weight = U C`); a tensor shared by several names (tied embeddings) is stored once, the other names recorded as
   aliases in the file's metadata;
+  a linear marked `jactus_weight_format = "bitmask"` (TACO's pruned layers) stores its weight as `<layer>.weight_values`
+  (the non-zeros, row-major) and `<layer>.weight_bitmask` (one bit an entry, uint8, least significant bit first),
+  and a sparse correction's flat positions are stored as int32 where they fit (both listed in the metadata and
+  decoded by `load_compact`), so the file's bytes are what the budget in bytes counts (docs/METHOD.md section 5);
 - `rank_map.json`: layer -> rank (low-rank layers) or null (targets kept dense);
 - `arch.json`: how to rebuild the backbone without its weights: `{"library": "timm", "name", "kwargs"}` or
   `{"library": "transformers", "config": config.to_dict(), "class": ...}`;
@@ -15,6 +19,7 @@ A compact directory holds
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,7 +31,58 @@ from .layers import FactorizedLinear, LowRankLinear
 
 WEIGHTS_FILE, RANK_MAP_FILE, ARCH_FILE = "model.safetensors", "rank_map.json", "arch.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
-_ALIASES, _NON_PERSISTENT = "jactus_aliases", "jactus_non_persistent_buffers"
+_ALIASES, _NON_PERSISTENT, _ENCODED = "jactus_aliases", "jactus_non_persistent_buffers", "jactus_encoded"
+BITMASK_FORMAT = "bitmask"  # the value of a linear's `jactus_weight_format` that stores its weight as non-zeros + bits
+_BITS = 2 ** torch.arange(8, dtype=torch.int32)
+
+
+def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as uint8 bytes, one bit an entry in row-major order, least significant bit first."""
+    flat = mask.flatten()
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
+    return (flat.view(-1, 8).to(torch.int32) * _BITS.to(flat.device)).sum(1).to(torch.uint8)
+
+
+def unpack_bitmask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The boolean tensor of `shape` that `pack_bitmask` packed."""
+    bits = (packed.to(torch.int32).unsqueeze(1) & _BITS.to(packed.device)).ne(0).flatten()
+    return bits[: math.prod(shape)].view(shape)
+
+
+def bitmask_bytes(out_features: int, in_features: int) -> int:
+    """Bytes of one layer's bitmask."""
+    return math.ceil(out_features * in_features / 8)
+
+
+def _encode(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict:
+    """Rewrite `tensors` in place into the stored encodings (module docstring); returns what `_decode` needs."""
+    bitmask: dict[str, list[int]] = {}
+    for name, module in model.named_modules():
+        if getattr(module, "jactus_weight_format", None) == BITMASK_FORMAT and isinstance(module, nn.Linear):
+            key = f"{name}.weight" if name else "weight"
+            weight = tensors.pop(key).detach()
+            nonzero = weight != 0
+            tensors[f"{key}_values"] = weight[nonzero]
+            tensors[f"{key}_bitmask"] = pack_bitmask(nonzero)
+            bitmask[key] = list(weight.shape)
+    int32 = []
+    for name, tensor in list(tensors.items()):
+        if name.endswith(".sparse.index") and (not tensor.numel() or int(tensor.max()) < 2**31):
+            tensors[name] = tensor.to(torch.int32)
+            int32.append(name)
+    return {"bitmask": bitmask, "int32": int32}
+
+
+def _decode(tensors: dict[str, torch.Tensor], encoded: Mapping) -> None:
+    """Undo `_encode` in place: dense weights from non-zeros + bitmask, int64 positions."""
+    for key, shape in encoded.get("bitmask", {}).items():
+        values, packed = tensors.pop(f"{key}_values"), tensors.pop(f"{key}_bitmask")
+        mask = unpack_bitmask(packed, tuple(shape))
+        weight = torch.zeros(tuple(shape), dtype=values.dtype, device=values.device)
+        weight[mask] = values
+        tensors[key] = weight
+    for name in encoded.get("int32", []):
+        tensors[name] = tensors[name].long()
 
 
 def _architecture(model: nn.Module, arch: Mapping | None) -> dict:
@@ -55,9 +111,9 @@ def _rank_map(model: nn.Module) -> dict[str, int | None]:
     return ranks
 
 
-def _deployed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """name -> tensor of every parameter and buffer (aliases included), factorized layers folded; and the names of
-    non-persistent buffers."""
+def _deployed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], set[str], dict]:
+    """name -> tensor of every parameter and buffer (aliases included), factorized layers folded and stored encodings
+    applied; the names of non-persistent buffers; and the encodings (`_encode`)."""
     persistent = set(model.state_dict(keep_vars=True))
     tensors: dict[str, torch.Tensor] = {}
     non_persistent: set[str] = set()
@@ -77,13 +133,14 @@ def _deployed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], set[st
             tensors[name] = value
             if name not in persistent:
                 non_persistent.add(name)
-    return tensors, non_persistent
+    return tensors, non_persistent, _encode(tensors, model)
 
 
-def _distinct_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], set[str]]:
-    """name -> tensor of each distinct deployed tensor (factorized layers folded; not copied), the aliases (a name ->
-    the name of the same tensor: tied weights) and the names of non-persistent buffers."""
-    tensors, non_persistent = _deployed_tensors(model)
+def _distinct_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], set[str], dict]:
+    """name -> tensor of each distinct deployed tensor (factorized layers folded, encodings applied; not copied), the
+    aliases (a name -> the name of the same tensor: tied weights), the names of non-persistent buffers and the
+    encodings."""
+    tensors, non_persistent, encoded = _deployed_tensors(model)
     distinct: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     owner: dict[tuple, str] = {}
@@ -96,7 +153,7 @@ def _distinct_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
             continue
         owner[key] = name
         distinct[name] = tensor
-    return distinct, aliases, non_persistent
+    return distinct, aliases, non_persistent, encoded
 
 
 BYTE_KINDS = ("dense", "low_rank", "sparse_values", "sparse_index", "buffers")
@@ -105,11 +162,12 @@ BYTE_KINDS = ("dense", "low_rank", "sparse_values", "sparse_index", "buffers")
 def stored_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, int]:
     """The deployed model's bytes as `save_compact` stores them (the tensor data of `model.safetensors`, without its
     JSON header), by kind: `low_rank` (the folded factors of low-rank layers and their biases), `sparse_values` and
-    `sparse_index` (a sparse correction's values and its flat int64 positions), `buffers` (non-trainable state such
+    `sparse_index` (the non-zeros of a sparse correction or of a pruned weight stored as a bitmask, and their
+    positions: int32 flat positions, or the bitmask), `buffers` (non-trainable state such
     as rotary tables), `dense` (every other parameter: embeddings, dense linears, norms, heads), and `total`. A
-    pruned dense layer (TACO) stores its zeros: that is the format written today (docs/METHOD.md section 10).
+    pruned linear marked for the bitmask format (TACO's export) counts its non-zeros and bitmask.
     `dtype`: count floating-point tensors as if cast to it (the dense model's bytes in the deployed model's dtype)."""
-    distinct, _, _ = _distinct_tensors(model)
+    distinct, _, _, _ = _distinct_tensors(model)
     low_rank = [f"{name}." for name, module in model.named_modules()
                 if isinstance(module, (FactorizedLinear, LowRankLinear))]
     parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
@@ -117,9 +175,9 @@ def stored_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str
     for name, tensor in distinct.items():
         cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
         size = tensor.numel() * cast.itemsize
-        if name.endswith(".sparse.values"):
+        if name.endswith((".sparse.values", ".weight_values")):
             kind = "sparse_values"
-        elif name.endswith(".sparse.index"):
+        elif name.endswith((".sparse.index", ".weight_bitmask")):
             kind = "sparse_index"
         elif any(name.startswith(prefix) for prefix in low_rank):
             kind = "low_rank"
@@ -139,7 +197,7 @@ def save_compact(model: nn.Module, path: str | Path, arch: Mapping | None = None
     path = Path(path)
     arch = _architecture(model, arch)
     rank_map = _rank_map(model)
-    distinct, aliases, non_persistent = _distinct_tensors(model)
+    distinct, aliases, non_persistent, encoded = _distinct_tensors(model)
     unique: dict[str, torch.Tensor] = {}
     saved_storages: set[int] = set()
     for name, tensor in distinct.items():
@@ -151,7 +209,8 @@ def save_compact(model: nn.Module, path: str | Path, arch: Mapping | None = None
         saved_storages.add(copy.untyped_storage().data_ptr())
         unique[name] = copy
     path.mkdir(parents=True, exist_ok=True)
-    metadata = {_ALIASES: json.dumps(aliases), _NON_PERSISTENT: json.dumps(sorted(non_persistent)), "format": "pt"}
+    metadata = {_ALIASES: json.dumps(aliases), _NON_PERSISTENT: json.dumps(sorted(non_persistent)),
+                _ENCODED: json.dumps(encoded), "format": "pt"}
     save_file(unique, str(path / WEIGHTS_FILE), metadata=metadata)
     (path / RANK_MAP_FILE).write_text(json.dumps(rank_map, indent=2))
     (path / ARCH_FILE).write_text(json.dumps(arch, indent=2, default=str))
@@ -208,7 +267,9 @@ def load_compact(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
         metadata = handle.metadata() or {}
     aliases = json.loads(metadata.get(_ALIASES, "{}"))
     non_persistent = set(json.loads(metadata.get(_NON_PERSISTENT, "[]")))
+    encoded = json.loads(metadata.get(_ENCODED, "{}"))
     tensors = load_file(str(path / WEIGHTS_FILE), device=str(device))
+    _decode(tensors, encoded)
     for alias, name in aliases.items():
         tensors[alias] = tensors[name]
 
@@ -231,6 +292,8 @@ def load_compact(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:
         raise RuntimeError(f"compact model {path}: tensors {left[:5]} were not in {WEIGHTS_FILE}")
+    for key in encoded.get("bitmask", {}):  # saved again (a resave, an evaluation's copy) in the same format
+        model.get_submodule(key.rpartition(".")[0]).jactus_weight_format = BITMASK_FORMAT
     model.jactus_arch = arch
     model.jactus_rank_map = rank_map
     if (path / GENERATION_CONFIG_FILE).is_file():

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..core.bounded import parse_bytes, resolve_max_stats_bytes
+from ..core.byte_budget import check_unit  # noqa: F401  (re-exported for the methods)
 from ..core.freeze import is_norm, set_trainable, train_cores  # noqa: F401  (re-exported for the methods)
 from ..core.linalg import EIG_METHODS
 
@@ -149,8 +150,21 @@ class Method:
 
     @property
     def budget(self) -> float | None:
-        """The retained-parameter budget this method compresses to (None for full-size methods)."""
+        """The budget this method compresses to, a ratio of parameters or of bytes (`unit`); None for full-size
+        methods."""
         return None
+
+    unit: str = "params"  # what `budget` counts: retained parameters, or stored bytes (core.byte_budget)
+
+    def params_budget(self, model: nn.Module, budget: float, targets: Sequence[str] | None) -> float:
+        """`budget` as the retained-parameter ratio a low-rank planner takes: itself in parameters; with
+        `unit=bytes` the ratio whose deployed model stores at most that share of the dense model's bytes."""
+        if self.unit == "params":
+            return budget
+        from ..core.byte_budget import params_ratio_for_bytes
+        from ..core.targets import find_targets
+
+        return params_ratio_for_bytes(model, budget, self.scope, find_targets(model, targets))
 
     def summary(self) -> dict:
         """Method-specific figures for summary.json (rank statistics, compression time, memory)."""

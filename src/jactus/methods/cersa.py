@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from torch import nn
 
 from ..core import SCOPES, compress_model
-from .base import CalibSettings, MethodContext, check_budget, check_positive, choice, register
+from .base import CalibSettings, MethodContext, check_budget, check_positive, check_unit, choice, register
 from .low_rank import LowRankMethod
 
 
@@ -28,8 +28,10 @@ class CERSA(LowRankMethod):
         rank_multiple: int = 8,
         targets: Sequence[str] | None = None,
         calib: Mapping | None = None,
+        unit: str = "params",
     ):
         super().__init__()
+        self.unit = check_unit(unit)
         if (energy is None) == (budget is None):
             raise ValueError(f"cersa: set exactly one of method.energy (a spectral-energy fraction, e.g. 0.90) "
                              f"and method.budget (a retained-parameter ratio); got energy={energy!r}, "
@@ -53,7 +55,8 @@ class CERSA(LowRankMethod):
     def apply(self, ctx: MethodContext) -> nn.Module:
         # Weight-only: no calibration statistics at all (the driver's decomposition dtype and parking still apply).
         self.head_names = list(ctx.head_names)
-        model, self.plan = compress_model(ctx.model, None, None, self._budget, targets=self.targets,
+        budget = None if self._budget is None else self.params_budget(ctx.model, self._budget, self.targets)
+        model, self.plan = compress_model(ctx.model, None, None, budget, targets=self.targets,
                                           allocator="energy", scope=self.scope, rank_multiple=self.rank_multiple,
                                           rho=0.0, weight_basis="plain", stats_mode="none", energy=self.energy,
                                           head_names=self.head_names, device=ctx.device,

@@ -17,7 +17,16 @@ from peft import inject_adapter_in_model
 from torch import nn
 
 from ..core import BUDGET_ALLOCATORS, SCOPES, LowRankLinear, compress_model, fold_factorized
-from .base import CalibSettings, MethodContext, check_budget, check_positive, choice, register, set_trainable
+from .base import (
+    CalibSettings,
+    MethodContext,
+    check_budget,
+    check_positive,
+    check_unit,
+    choice,
+    register,
+    set_trainable,
+)
 from .low_rank import LowRankMethod
 from .peft_adapters import check_lora_options, is_adapter_parameter, lora_config, merge_adapters
 
@@ -61,9 +70,11 @@ class CompressThenAdapt(LowRankMethod):
         targets: Sequence[str] | None = None,
         mask_key: str = "attention_mask",
         calib: Mapping | None = None,
+        unit: str = "params",
     ):
         super().__init__()
         self._budget = check_budget(budget, "compress_then_adapt")
+        self.unit = check_unit(unit)
         self.compressor = choice(compressor, list(COMPRESSORS), "method.compressor")
         self.allocator = choice(allocator, BUDGET_ALLOCATORS, "allocator")
         self.scope = choice(scope, SCOPES, "budget.scope")
@@ -91,7 +102,8 @@ class CompressThenAdapt(LowRankMethod):
         self.head_names = list(ctx.head_names)
         # Task-agnostic: input statistics of the unlabeled inputs only (no task gradients), the weight's own SVD in
         # that metric (rho = 0: no task directions).
-        model, self.plan = compress_model(ctx.model, batches, ctx.loss_fn, self.budget, targets=self.targets,
+        budget = self.params_budget(ctx.model, self.budget, self.targets)
+        model, self.plan = compress_model(ctx.model, batches, ctx.loss_fn, budget, targets=self.targets,
                                           allocator=self.allocator, scope=self.scope,
                                           rank_multiple=self.rank_multiple, rho=0.0, weight_basis="whitened",
                                           stats_mode=self.stats_mode, damping=self.damping, mask_key=self.mask_key,

@@ -8,11 +8,12 @@ from collections.abc import Mapping, Sequence
 from peft import inject_adapter_in_model
 from torch import nn
 
-from ..core import ALLOCATORS, SCOPES, STATS_MODES, FactorizedLinear, compress_model
+from ..core import ALLOCATORS, SCOPES, STATS_MODES, FactorizedLinear, compress_model, find_targets
+from ..core.byte_budget import SPARSE_POSITION_BYTES, ByteBudget
 from ..core.compact import attach_sparse_structure
 from ..core.sparse import SparseDelta, sparse_index_bytes, top_support, uniform_nnz, weight_fisher
 from ..core.subspace import WEIGHT_BASES
-from .base import CalibSettings, MethodContext, check_budget, choice, register, train_cores
+from .base import CalibSettings, MethodContext, check_budget, check_unit, choice, register, train_cores
 from .low_rank import LowRankMethod
 from .peft_adapters import check_lora_options, is_adapter_parameter, lora_config, merge_adapters
 
@@ -69,8 +70,10 @@ class Jactus(LowRankMethod):
         dense_adapter_r: int = 0,
         dense_adapter_alpha: float = 16.0,
         core_dropout: float = 0.0,
+        unit: str = "params",
     ):
         super().__init__()
+        self.unit = check_unit(unit)
         if isinstance(core_dropout, bool) or not isinstance(core_dropout, (int, float)) or not 0 <= core_dropout < 1:
             raise ValueError(f"method.core_dropout={core_dropout!r}: expected a dropout probability in [0, 1) on the "
                              f"cores' change (0 = off; e.g. 0.05, LoRA's default)")
@@ -118,7 +121,9 @@ class Jactus(LowRankMethod):
         if ctx.calibration_batches is None:
             raise ValueError("jactus needs calibration batches (the datamodule's calibration_dataloader())")
         self.head_names = list(ctx.head_names)
-        low_rank_budget = self.budget * (1.0 - self.sparse_share)
+        if self.unit == "bytes" and self.sparse_share:  # the dense model's bytes, before compression changes it
+            byte_budget = ByteBudget.of(ctx.model, self.budget, self.scope, find_targets(ctx.model, self.targets))
+        low_rank_budget = self.params_budget(ctx.model, self.budget * (1.0 - self.sparse_share), self.targets)
         try:
             model, self.plan = self._compress(ctx, low_rank_budget)
         except ValueError as err:
@@ -127,7 +132,10 @@ class Jactus(LowRankMethod):
             raise ValueError(f"method.sparse_share={self.sparse_share} leaves {low_rank_budget:.4f} of the model to "
                              f"the low-rank layers, which no plan meets ({err}); lower the sparse share") from err
         self.compress_stats = model.jactus_compress_stats
-        if self.sparse_share:
+        if self.sparse_share and self.unit == "bytes":  # each non-zero stores its value and an int32 position
+            self._add_sparse(model, ctx, math.floor(self.sparse_share * byte_budget.limit)
+                             // (byte_budget.itemsize + SPARSE_POSITION_BYTES))
+        elif self.sparse_share:
             # the plan's params_original: the parameters in the budget's scope (model or targets)
             self._add_sparse(model, ctx, math.floor(self.sparse_share * self.budget * self.plan.params_original))
         return self._adapt_dense(model)

@@ -4,15 +4,18 @@ distilled from the dense model (section 9).
 
 1. Budget -> kept weights. Deployed parameters = the non-zeros of the pruned weights + every other parameter in the
    budget's scope (biases included); with `P` the parameters in scope (the whole model for scope=model, the target
-   linears for scope=targets) the targets keep `floor(budget * P) - (P - target weights)` weights. A budget the
-   parameters outside the pruned weights already exceed fails before any calibration, with the numbers.
+   linears for scope=targets) the targets keep `floor(budget * P) - (P - target weights)` weights. With
+   `unit=bytes` the same sum is in stored bytes: a kept weight costs the model's item size and each pruned layer
+   one bit an entry for its bitmask (the format `save_compact` writes; core.byte_budget), so at equal bytes TACO
+   keeps fewer weights than at the same ratio of parameters. A budget the rest of the model already exceeds fails
+   before any calibration, with the numbers.
 2. Which layer keeps how many (`allocation`): `uniform` spreads them at one density over the targets
    (`core.sparse.uniform_nnz`, exact); `global` keeps the weights above one threshold on the relative OBS saliency
    `w^2 / [H^-1]_jj / (trace(W Sx W^T) / (m n))` of all targets (`core.obs_prune.relative_saliency`: the raw
    saliency is in each layer's output units and would prune whole output projections; dividing by the output energy
-   per weight, not the whole, keeps one threshold from pruning larger layers harder). `pattern="N:M"` instead fixes density
-   N/M in every target (N non-zeros in every M consecutive inputs of a row); the budget is then an upper bound that
-   the pattern must meet (it fails early otherwise) and the deployed ratio is whatever the pattern gives.
+   per weight, not the whole, keeps one threshold from pruning larger layers harder). `pattern="N:M"` instead fixes
+   density N/M in every target (N non-zeros in every M consecutive inputs of a row); the budget is then an upper
+   bound that the pattern must meet (it fails early otherwise) and the deployed ratio is whatever the pattern gives.
 3. `core.obs_prune.prune_linears`: calibrate `Sx` (input statistics only, the `calib` group's memory options),
    SparseGPT column elimination with lazy block updates (`block_size`), the weights written back at once.
 4. Fine-tuning: the pruned linears' weights and biases, the norms and the task heads train (in fp32); the mask is a
@@ -22,7 +25,9 @@ distilled from the dense model (section 9).
    gradient. Each training step also re-applies `w *= mask` (one multiply per layer) so that nothing outside this
    method's hooks (a deep copy, which drops tensor hooks; an optimizer with noise) can leave a pruned weight non-zero.
 
-`export` gives plain `nn.Linear` layers with the zeros in place; `params_deployed` counts their non-zeros.
+`export` gives plain `nn.Linear` layers with the zeros in place, marked for the bitmask format (`save_compact` stores
+their non-zeros and one bit an entry; `load_compact` gives the dense-with-zeros layer back); `params_deployed` counts
+their non-zeros.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import torch
 from torch import nn
 
 from ..core import SCOPES, count_params, find_targets, resolve_max_stats_bytes
+from ..core.byte_budget import ByteBudget
+from ..core.compact import BITMASK_FORMAT, bitmask_bytes
 from ..core.obs_prune import ALLOCATIONS, n_m_index_bytes, parse_pattern, prune_linears
 from ..core.sparse import csr_index_bytes, uniform_nnz
 from .base import (
@@ -44,6 +51,7 @@ from .base import (
     MethodContext,
     check_budget,
     check_positive,
+    check_unit,
     choice,
     register,
     set_trainable,
@@ -77,8 +85,10 @@ class Taco(Method):
         targets: Sequence[str] | None = None,
         mask_key: str = "attention_mask",
         calib: Mapping | None = None,
+        unit: str = "params",
     ):
         self._budget = check_budget(budget, "taco")
+        self.unit = check_unit(unit)
         self.scope = choice(scope, SCOPES, "budget.scope")
         self.pattern = pattern
         self.n_m = parse_pattern(pattern, "method.pattern")
@@ -130,12 +140,20 @@ class Taco(Method):
         return self._prepare(model, masks)
 
     def plan_keep(self, model: nn.Module, modules: Mapping[str, nn.Linear]) -> dict[str, int] | int:
-        """Kept weights per target (uniform, N:M) or in all (global), from the budget (module docstring, step 1)."""
+        """Kept weights per target (uniform, N:M) or in all (global), from the budget (module docstring, step 1).
+
+        In bytes (`unit=bytes`) a kept weight costs the model's item size and every pruned layer its bitmask
+        (`core.compact.bitmask_bytes`, the stored format); in parameters a kept weight costs one."""
         weights = sum(layer.weight.numel() for layer in modules.values())
-        biases = sum(layer.bias.numel() for layer in modules.values() if layer.bias is not None)
-        original = count_params(model) if self.scope == "model" else weights + biases
-        fixed = original - weights  # parameters the pruning does not touch
-        limit = math.floor(self.budget * original)
+        if self.unit == "bytes":
+            budget = ByteBudget.of(model, self.budget, self.scope, modules)
+            masks = sum(bitmask_bytes(*layer.weight.shape) for layer in modules.values())
+            original, fixed, limit, cost = budget.original, budget.fixed + masks, budget.limit, budget.itemsize
+        else:
+            biases = sum(layer.bias.numel() for layer in modules.values() if layer.bias is not None)
+            original = count_params(model) if self.scope == "model" else weights + biases
+            fixed, limit, cost = original - weights, math.floor(self.budget * original), 1  # untouched parameters
+        units = "bytes" if self.unit == "bytes" else "parameters"
         if self.n_m is not None:
             n, m = self.n_m
             uneven = {name: layer.in_features for name, layer in modules.items() if layer.in_features % m}
@@ -143,19 +161,18 @@ class Taco(Method):
                 raise ValueError(f"method.pattern={self.pattern!r}: the input widths of {sorted(uneven)[:4]} "
                                  f"({sorted(set(uneven.values()))}) are not multiples of M={m}")
             keep = {name: layer.weight.numel() // m * n for name, layer in modules.items()}
-            deployed = fixed + sum(keep.values())
+            deployed = fixed + sum(keep.values()) * cost
             if deployed > limit:
-                raise ValueError(f"method.pattern={self.pattern!r} keeps {deployed} of {original} parameters "
+                raise ValueError(f"method.pattern={self.pattern!r} keeps {deployed} of {original} {units} "
                                  f"(scope={self.scope!r}), a ratio of {deployed / original:.4f} above "
                                  f"budget.ratio={self.budget}; raise the budget to at least that ratio or use a "
                                  f"sparser pattern")
             return keep
-        keep_total = limit - fixed
-        if keep_total < 0:
+        if limit < fixed:
             raise ValueError(f"budget.ratio={self.budget} with budget.scope={self.scope!r} allows {limit} of "
-                             f"{original} parameters, but the {fixed} outside the pruned weights alone are "
+                             f"{original} {units}, but the {fixed} outside the kept weights alone are "
                              f"{fixed / original:.4f} of them; raise the budget above that or use budget.scope=targets")
-        keep_total = min(keep_total, weights)
+        keep_total = min((limit - fixed) // cost, weights)
         if self.allocation == "global":
             return keep_total
         return uniform_nnz({name: tuple(layer.weight.shape) for name, layer in modules.items()}, keep_total)
@@ -189,10 +206,12 @@ class Taco(Method):
 
     # ---- deployment --------------------------------------------------------------------------------------------
     def export(self, model: nn.Module) -> nn.Module:
-        """Plain `nn.Linear` layers: the mask applied once more, its buffer and the gradient hooks removed."""
+        """Plain `nn.Linear` layers: the mask applied once more, its buffer and the gradient hooks removed; each
+        pruned layer is marked so that `save_compact` stores its non-zeros and a bitmask, not its zeros."""
         self._remove_hooks()
         for name in self.shapes:
             layer = model.get_submodule(name)
+            layer.jactus_weight_format = BITMASK_FORMAT
             mask = layer._buffers.pop(MASK, None)
             if mask is not None:
                 with torch.no_grad():

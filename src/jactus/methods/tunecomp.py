@@ -43,7 +43,17 @@ from ..core.decompositions import Decompositions
 from ..core.params import linear_cost
 from ..core.precision import trainable_dtype
 from ..core.subspace import Metric, weight_bases, whitened_svd
-from .base import CalibSettings, Method, MethodContext, check_budget, check_positive, choice, register, set_trainable
+from .base import (
+    CalibSettings,
+    Method,
+    MethodContext,
+    check_budget,
+    check_positive,
+    check_unit,
+    choice,
+    register,
+    set_trainable,
+)
 from .compress_then_adapt import calibration_batches
 
 
@@ -227,8 +237,11 @@ class TuneComp(Method):
         targets: Sequence[str] | None = None,
         mask_key: str = "attention_mask",
         calib: Mapping | None = None,
+        unit: str = "params",
     ):
         self._budget = check_budget(budget, "tunecomp")
+        self.unit = check_unit(unit)
+        self.params_budget_ratio = self._budget  # the budget in parameters (budget.unit=bytes: set by apply)
         self.scope = choice(scope, SCOPES, "budget.scope")
         self.allocator = choice(allocator, BUDGET_ALLOCATORS, "allocator")
         self.rank_multiple = check_positive(rank_multiple, "allocator.rank_multiple")
@@ -272,7 +285,8 @@ class TuneComp(Method):
         self.init_ranks = {}
         # The bounded driver plans the target ranks from the input-whitened spectra and builds each two-branch
         # layer from the same decompositions (SVD-LLM initialisation at the larger initial rank).
-        model, plan = compress_model(ctx.model, batches, ctx.loss_fn, self.budget, targets=targets,
+        self.params_budget_ratio = self.params_budget(ctx.model, self.budget, self.targets)
+        model, plan = compress_model(ctx.model, batches, ctx.loss_fn, self.params_budget_ratio, targets=targets,
                                      allocator=self.allocator, scope=self.scope, rank_multiple=self.rank_multiple,
                                      rho=0.0, stats_mode="input", damping=self.damping, mask_key=self.mask_key,
                                      head_names=self.head_names, device=ctx.device, build_layer=self._two_branch,
@@ -309,7 +323,7 @@ class TuneComp(Method):
                 layer.teacher_weight = weight
 
     def params_target(self) -> int:
-        return math.floor(self.budget * self.params_original)
+        return math.floor(self.params_budget_ratio * self.params_original)
 
     def params_now(self, layers: dict[str, TwoBranchLinear]) -> int:
         """Parameters the deployed model would have with the students' current active ranks."""
@@ -368,13 +382,15 @@ class TuneComp(Method):
         if not self.init_ranks:
             return None
         return {"init_ranks": self.init_ranks, "target_ranks": self.target_ranks, "head_names": self.head_names,
-                "params_original": self.params_original, "params_fixed": self.params_fixed}
+                "params_original": self.params_original, "params_fixed": self.params_fixed,
+                "params_budget_ratio": self.params_budget_ratio}
 
     def rebuild(self, model: nn.Module, structure: dict) -> nn.Module:
         self.init_ranks = dict(structure["init_ranks"])
         self.target_ranks = dict(structure["target_ranks"])
         self.head_names = list(structure["head_names"])
         self.params_original, self.params_fixed = structure["params_original"], structure["params_fixed"]
+        self.params_budget_ratio = structure.get("params_budget_ratio", self.budget)  # absent: a parameter budget
         for name, rank in self.init_ranks.items():
             model.set_submodule(name, TwoBranchLinear.from_linear(model.get_submodule(name), rank))
         self._set_trainable(model)

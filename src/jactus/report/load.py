@@ -76,8 +76,9 @@ def _as_paths(dirs) -> list[Path]:
 
 def row_label(summary: dict) -> str:
     """The table row of a run: its method, with "@budget" for methods that compress to a budget, and " (scope=
-    targets)" where that budget counts only the target linears (`budget.scope`; the default, model, is unmarked):
-    the same budget over another scope is another model, never a re-run of the same seed.
+    targets)" where that budget counts only the target linears (`budget.scope`; the default, model, is unmarked), and
+    " (bytes)" where it counts stored bytes (`budget.unit`; the default, params, is unmarked): the same budget over
+    another scope or unit is another model, never a re-run of the same seed.
 
     Three significant digits: a budget asked for reads as given (0.8), a measured ratio (CERSA at a fixed spectral
     energy reports the ratio it gave) does not spell out every digit."""
@@ -85,6 +86,8 @@ def row_label(summary: dict) -> str:
     label = summary["method"] if budget is None else f"{summary['method']}@{budget:.3g}"
     if budget is not None and summary.get("budget_scope") not in (None, "model"):
         label += f" (scope={summary['budget_scope']})"
+    if budget is not None and summary.get("budget_unit") not in (None, "params"):
+        label += f" ({summary['budget_unit']})"  # a budget in bytes: another model than the same ratio in parameters
     return label + summary.get("_split", "")
 
 
