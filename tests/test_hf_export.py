@@ -161,3 +161,106 @@ def test_unsupported_class_and_non_empty_out_dir_are_refused(tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         jactus.export_hf(_qwen2_with_lowrank_layers(), tmp_path / "busy")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep"
+
+
+def _load_exported(path, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kwargs).eval()
+
+
+def test_generation_config_travels_from_the_compact_directory(tmp_path):
+    from transformers import GenerationConfig
+
+    model = _qwen2_with_lowrank_layers()
+    settings = dict(do_sample=True, temperature=0.6, top_p=0.9, max_new_tokens=7, eos_token_id=[2, 7])
+    model.generation_config = GenerationConfig(bos_token_id=1, pad_token_id=0, **settings)
+    jactus.save_compact(model, tmp_path / "compact")
+    assert jactus.load_compact(tmp_path / "compact").generation_config.eos_token_id == [2, 7]
+    main([str(tmp_path / "compact"), str(tmp_path / "hf_generation")])
+
+    written = json.loads((tmp_path / "hf_generation" / "generation_config.json").read_text())
+    assert {key: written.get(key) for key in settings} == settings
+    loaded = _load_exported(tmp_path / "hf_generation").generation_config
+    assert {key: getattr(loaded, key) for key in settings} == settings
+
+
+def test_bf16_export_keeps_its_dtype_and_logits(tmp_path):
+    from safetensors import safe_open
+
+    from jactus.core.precision import autocast_for
+    from jactus.models import create_causal_lm
+
+    loaded = create_causal_lm(config={"tie_word_embeddings": True}, dtype="bfloat16")
+    compressed, plan = jactus.compress_model(loaded.model, _lm_batches(), lambda m, b: m(**b).loss, 0.7,
+                                             rank_multiple=4, progress=False)
+    with torch.no_grad():  # trained norms (fp32 trainables), not the ones that bf16 holds exactly
+        for name, param in compressed.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(1.0, 0.2, generator=torch.Generator().manual_seed(3))
+    jactus.save_compact(compressed, tmp_path / "compact")
+    main([str(tmp_path / "compact"), str(tmp_path / "hf_bf16")])
+
+    assert json.loads((tmp_path / "hf_bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "hf_bf16" / "model.safetensors"), framework="pt") as handle:
+        dtypes = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}
+    low_rank = [name for name in dtypes if name.endswith((".down.weight", ".up.weight"))]
+    assert len(low_rank) == 2 * sum(rank is not None for rank in plan.ranks.values())
+    assert {dtypes[name] for name in [*low_rank, "model.embed_tokens.weight"]} == {"BF16"}
+
+    exported = _load_exported(tmp_path / "hf_bf16")  # dtype from config.json
+    assert exported.dtype == torch.bfloat16 and exported.lm_head.weight is exported.model.embed_tokens.weight
+    compact = jactus.load_compact(tmp_path / "compact")
+    input_ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), autocast_for(compact, "cpu"):  # its norms and biases are fp32: run as bf16-mixed runs it
+        expected = compact(input_ids=input_ids).logits.float()
+    with torch.no_grad():
+        logits = exported(input_ids=input_ids).logits
+    assert logits.dtype == torch.bfloat16
+    # the exported model computes in bf16 throughout (its norms too), the compact one under autocast: they differ by
+    # bf16 rounding, a unit in the last place (2^-7 at logits near 1) here
+    torch.testing.assert_close(logits.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_sparse_corrections_export_and_match_the_compact_model(tmp_path):
+    from jactus.methods import MethodContext
+    from jactus.methods.jactus import Jactus
+    from jactus.models import create_causal_lm
+
+    loaded = create_causal_lm(config={})
+    method = Jactus(budget=0.7, rank_multiple=4, sparse_share=0.1)
+    model = method.apply(MethodContext(model=loaded.model, loss_fn=lambda m, b: m(**b).loss,
+                                       calibration_batches=_lm_batches(), family="causal_lm"))
+    with torch.no_grad():  # trained corrections (they start at zero, which would test nothing)
+        for module in model.modules():
+            if isinstance(module, jactus.FactorizedLinear):
+                module.sparse.values.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    jactus.save_compact(method.export(model), tmp_path / "compact")
+    main([str(tmp_path / "compact"), str(tmp_path / "hf_sparse")])
+
+    config = json.loads((tmp_path / "hf_sparse" / "config.json").read_text())
+    assert config["jactus_sparse_nnz"] == method.sparse_nnz and sum(method.sparse_nnz.values()) > 0
+    exported = _load_exported(tmp_path / "hf_sparse", dtype=torch.float32)
+    corrected = {name.removesuffix(".sparse") for name, module in exported.named_modules()
+                 if type(module).__name__ == "SparseCorrection"}
+    assert corrected == set(method.sparse_nnz)
+    compact = jactus.load_compact(tmp_path / "compact")
+    for name in corrected:  # the positions as the compact format stores them: int32
+        index = exported.get_submodule(name).sparse.index
+        assert index.dtype == torch.int32 and torch.equal(index.long(), compact.get_submodule(name).sparse.index)
+    input_ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = compact(input_ids=input_ids).logits
+        torch.testing.assert_close(exported(input_ids=input_ids).logits, expected, rtol=1e-5, atol=1e-5)
+        for name in corrected:
+            exported.get_submodule(name).sparse = None
+        assert (exported(input_ids=input_ids).logits - expected).abs().max() > 1e-3  # the corrections count
+
+
+def test_quantized_weights_are_refused(tmp_path):
+    model = _qwen2_with_lowrank_layers()
+    embedding = model.get_input_embeddings()
+    embedding.weight = torch.nn.Parameter(embedding.weight.detach().to(torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match="model.embed_tokens.weight, stored as torch.int8: a quantized weight"):
+        jactus.export_hf(model, tmp_path / "int8")
+    assert not (tmp_path / "int8").exists()

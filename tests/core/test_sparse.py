@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -125,8 +126,8 @@ def test_jactus_sparse_share_meets_the_budget_trains_and_round_trips(tmp_path):
     torch.testing.assert_close(_logits(loaded, batches), trained, rtol=1e-4, atol=1e-5)
     from jactus import export_hf
 
-    with pytest.raises(ValueError, match="sparse corrections"):  # the HF remote code has no sparse layer yet
-        export_hf(loaded, tmp_path / "hf")
+    export_hf(loaded, tmp_path / "hf")  # the corrections export too (tests/test_hf_export.py checks the logits)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["jactus_sparse_nnz"] == method.sparse_nnz
     summary = method.summary()["sparse"]
     assert summary["nnz"] == nnz and summary["index_bytes_csr_int32"] > 0
 

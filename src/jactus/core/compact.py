@@ -100,7 +100,7 @@ def _architecture(model: nn.Module, arch: Mapping | None) -> dict:
     return arch
 
 
-def _rank_map(model: nn.Module) -> dict[str, int | None]:
+def rank_map_of(model: nn.Module) -> dict[str, int | None]:
     """Low-rank layers with their ranks, plus the targets a plan kept dense (null)."""
     modules = dict(model.named_modules())
     ranks: dict[str, int | None] = {name: module.rank for name, module in modules.items()
@@ -111,9 +111,10 @@ def _rank_map(model: nn.Module) -> dict[str, int | None]:
     return ranks
 
 
-def _deployed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], set[str], dict]:
-    """name -> tensor of every parameter and buffer (aliases included), factorized layers folded and stored encodings
-    applied; the names of non-persistent buffers; and the encodings (`_encode`)."""
+def deployed_tensors(model: nn.Module, encode: bool = True) -> tuple[dict[str, torch.Tensor], set[str], dict]:
+    """name -> tensor of every parameter and buffer (aliases included), factorized layers folded and, with `encode`,
+    the stored encodings applied (module docstring); the names of non-persistent buffers; and the encodings
+    (`_encode`; empty without `encode`: a pruned layer's weight keeps its zeros, positions stay int64)."""
     persistent = set(model.state_dict(keep_vars=True))
     tensors: dict[str, torch.Tensor] = {}
     non_persistent: set[str] = set()
@@ -133,14 +134,14 @@ def _deployed_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], set[st
             tensors[name] = value
             if name not in persistent:
                 non_persistent.add(name)
-    return tensors, non_persistent, _encode(tensors, model)
+    return tensors, non_persistent, _encode(tensors, model) if encode else {}
 
 
 def _distinct_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], set[str], dict]:
     """name -> tensor of each distinct deployed tensor (factorized layers folded, encodings applied; not copied), the
     aliases (a name -> the name of the same tensor: tied weights), the names of non-persistent buffers and the
     encodings."""
-    tensors, non_persistent, encoded = _deployed_tensors(model)
+    tensors, non_persistent, encoded = deployed_tensors(model)
     distinct: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     owner: dict[tuple, str] = {}
@@ -196,7 +197,7 @@ def save_compact(model: nn.Module, path: str | Path, arch: Mapping | None = None
 
     path = Path(path)
     arch = _architecture(model, arch)
-    rank_map = _rank_map(model)
+    rank_map = rank_map_of(model)
     distinct, aliases, non_persistent, encoded = _distinct_tensors(model)
     unique: dict[str, torch.Tensor] = {}
     saved_storages: set[int] = set()

@@ -1,7 +1,8 @@
 """Configuration of a causal LM compressed by jactus, loaded through `auto_map` (written by jactus-export).
 
-It is the base family's configuration plus `jactus_rank_map` (layer name -> rank of its low-rank replacement),
-which `config.json` carries and the base class keeps as an extra attribute. Needs torch and transformers only.
+It is the base family's configuration plus `jactus_rank_map` (layer name -> rank of its low-rank replacement) and,
+when some layers have sparse corrections, `jactus_sparse_nnz` (layer name -> number of non-zeros), which
+`config.json` carries and the base class keeps as extra attributes. Needs torch and transformers only.
 """
 
 from .jactus_base import BASE_MODEL_TYPE, BaseConfig
