@@ -265,6 +265,26 @@ def test_a_budget_over_the_targets_is_its_own_row(tmp_path, capsys):
     assert "seeds run more than once" not in capsys.readouterr().out
 
 
+def test_a_budget_in_bytes_is_its_own_row_and_the_bytes_column_shows_where_runs_record_it(tmp_path):
+    """budget.unit=bytes at 0.8 is another model than 0.8 of the parameters: its own row, "(bytes)"; the table gains
+    a bytes column (mean bytes_ratio) once any run records its stored bytes, and older runs show as missing there."""
+    root = tmp_path / "units"
+    _write(root, "params/s0", method="taco", data="cifar10", seed=0, acc=80.0, budget=0.8, ratio=0.8)
+    _write(root, "bytes/s0", method="taco", data="cifar10", seed=0, acc=78.0, budget=0.8, ratio=0.72)
+    _write(root, "bytes/s1", method="taco", data="cifar10", seed=1, acc=79.0, budget=0.8, ratio=0.72)
+    for name, ratio in (("bytes/s0", 0.79), ("bytes/s1", 0.8)):
+        summary = json.loads((root / name / "summary.json").read_text())
+        summary.update(budget_unit="bytes", bytes_ratio=ratio, bytes_deployed=int(4000 * ratio))
+        (root / name / "summary.json").write_text(json.dumps(summary))
+    (table,) = report.build_tables(report.results_frame(report.load_summaries([root])[0]))
+    assert table.rows == ["taco@0.8", "taco@0.8 (bytes)"]
+    frame = table.to_frame().to_dict(orient="index")
+    assert frame["taco@0.8 (bytes)"]["Bytes (%)"] == "79.5" and frame["taco@0.8 (bytes)"]["Params (%)"] == "72.0"
+    assert frame["taco@0.8"]["Bytes (%)"] == "—"
+    assert "Bytes (%)" not in report.build_tables(report.results_frame(report.load_summaries([root / "params"])[0]))[
+        0].all_columns
+
+
 def test_rank_heatmap_rows_follow_the_table(tmp_path, monkeypatch):
     """Heatmap rows come in table order (budget 0.8 before 0.6, seeds numerically), not in file order."""
     root = tmp_path / "maps"

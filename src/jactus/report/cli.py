@@ -60,6 +60,7 @@ from .gaps import (  # noqa: F401
 from .items import counts_markdown
 from .load import (  # noqa: F401
     AVERAGE,
+    BYTES,
     FAILED,
     MISSING,
     RATIO,
@@ -138,7 +139,8 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
              f"mean of its runs); {MISSING} = no run; "
              f"{FAILED} = every run failed; best mean per column in bold "
              f"({'lowest' if lower_is_better(metric) else 'highest'}). {RATIO}: mean params_deployed / "
-             f"params_original. {AVERAGE}: per seed over the row's columns, over the seeds that have every column.", ""]
+             f"params_original; {BYTES} (where runs record it): mean bytes_deployed / bytes_original, the stored "
+             f"bytes. {AVERAGE}: per seed over the row's columns, over the seeds that have every column.", ""]
     for index, table in enumerate(tables):
         lines += [f"## {table.title}", "", table.to_markdown(), "", *_items_section(table)]
         if gap_tables:

@@ -11,6 +11,7 @@ import pandas as pd
 MISSING, FAILED = "—", "failed"
 AVERAGE = "Avg."
 RATIO = "Params (%)"
+BYTES = "Bytes (%)"  # mean bytes_ratio: the deployed model's stored bytes over the dense model's
 # The paper's column order; columns not listed follow in the order they first appear.
 COLUMN_ORDER = ("oxford_pets", "stanford_cars", "cifar10", "dtd", "eurosat", "fgvc_aircraft", "resisc45", "cifar100",
                 "boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa")
@@ -63,6 +64,7 @@ def palette_rows(summary: dict) -> list[dict]:
         row = {key: value for key, value in summary.items() if key != "palette"}
         row.update(budget=member["budget"], metrics=member.get("metrics") or {},
                    params_deployed=member.get("params_deployed"), params_ratio=member.get("params_ratio"),
+                   bytes_deployed=member.get("bytes_deployed"), bytes_ratio=member.get("bytes_ratio"),
                    rank_map=rank_maps.get(member["budget"]))
         if "_path" in summary:  # one run, one row per member: the member's items are the ones tagged with its budget
             row["_path"] = f"{summary['_path']}{MEMBER_MARK}{member['budget']}"
@@ -159,7 +161,8 @@ def results_frame(summaries: list[dict], metric: str = "test/acc") -> pd.DataFra
             "experiment": summary.get("experiment") or "", "model": summary["model"], "method": summary["method"],
             "budget": summary.get("budget"), "label": row_label(summary), "data": summary["data"],
             "seed": summary.get("seed"), "status": status, "metric": metric,
-            **{key: summary.get(key) for key in ("params_ratio", "params_original", "params_deployed",
+            **{key: summary.get(key) for key in ("params_ratio", "params_original", "params_deployed", "bytes_ratio",
+                                                 "bytes_deployed",
                                                  "params_trainable", "wall_s", "git_sha")},
             "path": summary["_path"],
         }

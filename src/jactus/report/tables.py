@@ -11,6 +11,7 @@ import pandas as pd
 
 from .load import (  # noqa: F401
     AVERAGE,
+    BYTES,
     COLUMN_ORDER,
     FAILED,
     METHOD_ORDER,
@@ -73,13 +74,14 @@ class ResultTable:
     lower_is_better: bool = False  # a loss (test/nll) rather than an accuracy: the lowest mean is the best
     runs: dict[tuple[str, object], list[str]] = field(default_factory=dict)  # (row, seed) -> successful runs' paths
     metric: str = ""
+    bytes_ratio: dict[str, float | None] = field(default_factory=dict)  # mean bytes_ratio (runs that record it)
 
     def cell(self, row: str, column: str) -> Cell:
         return self.cells.get((row, column), Cell())
 
     def text(self, row: str, column: str) -> str:
-        if column == RATIO:
-            ratio = self.ratio.get(row)
+        if column in (RATIO, BYTES):
+            ratio = (self.ratio if column == RATIO else self.bytes_ratio).get(row)
             return MISSING if ratio is None else f"{100 * ratio:.1f}"
         return self.cell(row, column).text(self.digits)
 
@@ -92,13 +94,15 @@ class ResultTable:
 
     @property
     def all_columns(self) -> list[str]:
-        return [RATIO, *self.columns, AVERAGE]
+        # the bytes column where some row's runs recorded their stored bytes (runs before bytes_deployed did not)
+        sizes = [RATIO, BYTES] if any(value is not None for value in self.bytes_ratio.values()) else [RATIO]
+        return [*sizes, *self.columns, AVERAGE]
 
     def to_frame(self, bold: bool = False) -> pd.DataFrame:
         """Display strings: index = rows, columns = ratio, datasets/tasks, average."""
         data = {}
         for column in self.all_columns:
-            best = self.best(column) if bold and column != RATIO else set()
+            best = self.best(column) if bold and column not in (RATIO, BYTES) else set()
             data[column] = [f"**{self.text(row, column)}**" if row in best else self.text(row, column)
                             for row in self.rows]
         return pd.DataFrame(data, index=pd.Index(self.rows, name="Method"))
@@ -169,18 +173,19 @@ def build_table(frame: pd.DataFrame, title: str = "", digits: int = 2) -> Result
         per_seed = ok.pivot_table(index="seed", columns="column", values="value", aggfunc="mean")
         complete = per_seed.reindex(columns=columns).dropna()
         cells[(label, AVERAGE)] = Cell(values=complete.mean(axis=1).tolist(), seeds=complete.index.tolist())
-    ratio = {}
+    ratio, bytes_ratio = {}, {}
     for label in rows:
         runs = frame[(frame["label"] == label) & (frame["status"] == "ok")].drop_duplicates("path")
-        ratios = runs["params_ratio"].dropna()
-        ratio[label] = float(ratios.mean()) if len(ratios) else None
+        for key, means in (("params_ratio", ratio), ("bytes_ratio", bytes_ratio)):
+            values = runs[key].dropna() if key in runs else []
+            means[label] = float(values.mean()) if len(values) else None
     runs: dict[tuple[str, object], list[str]] = {}
     for _, run in frame[frame["status"] == "ok"].drop_duplicates("path").iterrows():
         runs.setdefault((run["label"], run["seed"]), []).append(run["path"])
     metrics = frame["metric"].dropna().unique()
     metric = str(metrics[0]) if len(metrics) else ""
     return ResultTable(title, rows, columns, cells, ratio, digits, lower_is_better=lower_is_better(metric),
-                       runs=runs, metric=metric)
+                       runs=runs, metric=metric, bytes_ratio=bytes_ratio)
 
 
 def build_tables(frame: pd.DataFrame, digits: int = 2) -> list[ResultTable]:
