@@ -10,7 +10,7 @@ set -euo pipefail
 OUT=${OUT:-logs/train/llama_investigation}
 COMMON="experiment=offline_llama seed=0 trainer.max_steps=50 test=false"
 run() { local name=$1; shift; jactus-train -m $COMMON hydra.sweep.dir=$OUT/$name "$@"; }
-# in order of what each run can tell (at 1 thread on 2 shared cores a run is ~20 min; the session ran all but
+# in order of what each run can tell (at 1 thread on 2 shared cores a run is ~20 min; the committed runs are all but
 # compress_then_adapt_0.8): the reference, a lower learning rate for the cores (the table's 5e-4 was never searched
 # on this model; the cores are the whole compact weight, and full_ft runs at 2e-5), LoRA on val, rho = 0 (the best
 # held-out loss before training in experiments/no_finetune), a higher rate, damping, then the rest

@@ -7,11 +7,11 @@
 # EXTRA appends overrides to every job (e.g. EXTRA=calib.stats_cache=logs/stats_cache: rows of one seed share a
 # calibration). Two instances may share LOG (P=1 each balances the cores; a claimed job is skipped),
 # then collect and report (README.md of this folder). A 150-step row takes 25-35 min here, the table about 15 h of
-# one core: run it across sessions (LOG keeps what is done) or on a GPU.
+# one core: run it in several sittings (LOG keeps what is done) or on a GPU.
 set -u
 cd "$(dirname "$0")/../../../.."
 SEEDS=${1:-"0 1 2"}
-ROWS=${2:-"zero_shot lora jactus_0.8 dora compress_then_adapt_0.8 jactus_0.8_targets compress_then_adapt_0.8_targets tunecomp_0.8 jactus_0.8_kd taco_0.8"}
+ROWS=${2:-"zero_shot lora jactus_0.8 dora compress_then_adapt_0.8 jactus_0.8_targets compress_then_adapt_0.8_targets tunecomp_0.8 jactus_0.8_kd taco_0.8 taco_0.8_bytes"}
 export LOG=${LOG:-logs/offline_llama_seeds3}
 export COMMON="experiment=offline_llama logger=csv trainer.enable_checkpointing=false evaluate_before=false \
 data.module.test_per_task=150 data.module.val_per_task=20 trainer.max_steps=150 ${EXTRA:-}"
@@ -19,6 +19,7 @@ for seed in $SEEDS; do
   for row in $ROWS; do
     case $row in
       *_targets) echo "${row}_s$seed variant=${row%_targets} budget.scope=targets seed=$seed" ;;
+      *_bytes) echo "${row}_s$seed variant=${row%_bytes} budget.unit=bytes seed=$seed" ;;
       *) echo "${row}_s$seed variant=$row seed=$seed" ;;
     esac
   done

@@ -12,7 +12,7 @@ for SEED in ${SEEDS:-0}; do
   jactus-train -m $ROW seed=$SEED optim.lr=1e-4 \
       method=jactus_rho0,jactus_plain,jactus_uniform,jactus_input_stats,jactus_grad_stats
   # the knobs of item 5, one at a time: rho, calibration size, head warm-up (the core's learning rate was searched
-  # on val/acc: ../lr_search; damping was not reached in the session's time)
+  # on val/acc: ../lr_search; damping was not run)
   jactus-train -m $ROW seed=$SEED method.rho=0.5
   jactus-train -m $ROW seed=$SEED calib.num_samples=1024
   jactus-train -m $ROW seed=$SEED calib.head_warmup_steps=300
