@@ -1,4 +1,4 @@
-"""Distillation from the dense model (METHOD.md section 9), in plain PyTorch.
+"""Distillation from the dense model (docs/METHOD.md section 9), in plain PyTorch.
 
 Before a compressing method replaces the layers, the dense model runs once over the training examples and its
 targets are cached per example (`TeacherCache`): for a classifier the logits of the (warmed-up) head, for a causal LM

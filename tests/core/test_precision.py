@@ -1,4 +1,4 @@
-"""Mixed precision (METHOD.md section 8): frozen tensors stay bf16, trainable ones train in fp32, and the updates
+"""Mixed precision (docs/METHOD.md section 8): frozen tensors stay bf16, trainable ones train in fp32, and the updates
 then match an fp32 run where bf16 trainables would lose them."""
 
 from __future__ import annotations

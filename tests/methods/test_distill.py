@@ -1,4 +1,4 @@
-"""Distillation from the dense model (METHOD.md section 9): the cache is the dense model's output on the training
+"""Distillation from the dense model (docs/METHOD.md section 9): the cache is the dense model's output on the training
 examples, weight 0 is exactly the plain loss and weight w adds exactly w * T^2 * KL_T, the KL is zero at student =
 teacher with finite gradients otherwise, TuneComp's own teacher is the dense model, a resume refuses a cache built with
 other settings, and bad options fail early."""

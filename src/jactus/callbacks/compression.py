@@ -8,14 +8,14 @@ longer exist (and, under FSDP, the full weights needed for calibration would no 
 In `setup` the process group already exists, so calibration statistics are all-reduced, rank 0's plan and layers are
 broadcast, and every rank holds the identical factorization.
 
-Distillation (METHOD.md section 9): with `distill.weight` > 0 the dense model's targets are cached over the training
-set after the head warm-up and before the method changes the model (or, for a method with its own teacher such as
-TuneComp, computed by that teacher each step); the LightningModule adds the KL term in `training_step`. The cache
+Distillation (docs/METHOD.md section 9): with `distill.weight` > 0 the dense model's targets are cached over the
+training set after the head warm-up and before the method changes the model (or, for a method with its own teacher such
+as TuneComp, computed by that teacher each step); the LightningModule adds the KL term in `training_step`. The cache
 travels in checkpoints, so a resumed run distils toward the same targets; an LM's cache is built at the run's
 `distill.temperature` and `distill.topk`, so a resume with other values fails rather than change the objective.
 
-Precision (METHOD.md section 8): after the method is applied (or its structure rebuilt for a resume, before Lightning
-loads the checkpoint's weights into it), every trainable tensor is cast to fp32 while the frozen ones keep the
+Precision (docs/METHOD.md section 8): after the method is applied (or its structure rebuilt for a resume, before
+Lightning loads the checkpoint's weights into it), every trainable tensor is cast to fp32 while the frozen ones keep the
 backbone's dtype; the trainer's precision flag must be one that keeps them so (`core.precision.check_precision`).
 """
 

@@ -1,4 +1,4 @@
-"""The JACTUS math in plain PyTorch (METHOD.md sections 1-5); no Lightning or Hydra here."""
+"""The JACTUS math in plain PyTorch (docs/METHOD.md sections 1-5); no Lightning or Hydra here."""
 
 from .allocation import ALLOCATORS, BUDGET_ALLOCATORS, SCOPES, RankPlan, layer_spectra, plan_ranks
 from .bounded import compress_model, resolve_max_stats_bytes

@@ -1,4 +1,4 @@
-"""Global rank allocation (METHOD.md section 4).
+"""Global rank allocation (docs/METHOD.md section 4).
 
 Every allocator works on the spectra of the whitened weights `M_l` (`s_{l,j}^2` is the drop of the K-FAC proxy when
 rank j of layer l is kept), computed once per `plan_ranks` call (or given to it), however many budgets are asked for.
@@ -6,7 +6,7 @@ rank j of layer l is kept), computed once per `plan_ranks` call (or given to it)
 Ranks move in units of `rank_multiple`; every factorized layer keeps at least one unit. A layer whose rank would reach
 `floor(m n / (m + n))` is kept dense (`None`): a low-rank pair would not be smaller.
 
-Nested plans (`nested=True`, METHOD.md section 11): the marginal-gain greedy runs once, at the largest budget, and
+Nested plans (`nested=True`, docs/METHOD.md section 11): the marginal-gain greedy runs once, at the largest budget, and
 records the steps it takes, in order (one unit of `rank_multiple` ranks, or a layer's switch to dense). A smaller
 budget replays that sequence under its own limit with the greedy's own rule (a step that does not fit retires its
 layer), so it keeps a subset of the largest plan's steps: every layer's rank at a smaller budget is at most its rank at
@@ -54,8 +54,8 @@ class RankPlan:
     energy: float | None = None
     # per target, the spectral energy of its whitened weight beyond its rank (0 where dense): with stats_mode=kfac the
     # K-FAC proxy of the loss increase the plan predicts for that layer, what the allocator trades against parameters
-    # (METHOD.md section 4); None in plans saved before it was recorded. A diagnostic, not part of a plan's identity:
-    # plans with the same ranks compare equal whatever the rounding of their spectra
+    # (docs/METHOD.md section 4); None in plans saved before it was recorded. A diagnostic, not part of a plan's
+    # identity: plans with the same ranks compare equal whatever the rounding of their spectra
     residual: dict[str, float] | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict:

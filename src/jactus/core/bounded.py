@@ -183,7 +183,7 @@ def compress_model(
     another compressed layer built from the same decompositions (TuneComp's two-branch layer); the built layers are
     swapped in with the freeze policy `train_cores`, which a method with other trainables then overrides.
 
-    `nested=True` (palette fine-tuning, METHOD.md section 11) with a list of budgets: the plans nest
+    `nested=True` (palette fine-tuning, docs/METHOD.md section 11) with a list of budgets: the plans nest
     (`plan_ranks(nested=True)`) and one model serves them all: each target that some budget factorizes is built once,
     at the largest rank any budget gives it, and swapped in (no copies of the dense model); every pair returned
     holds that one model. The default builder then uses nested bases (`union_subspace(nested=True)`), whose

@@ -1,4 +1,4 @@
-"""Calibration statistics (METHOD.md section 1): input and output-gradient covariances of every target linear.
+"""Calibration statistics (docs/METHOD.md section 1): input and output-gradient covariances of every target linear.
 
 For each target `y = W x + b` over the calibration tokens `t = 1..T` (tokens where `batch[mask_key]` is set, else all
 tokens, e.g. every ViT patch token):
@@ -6,7 +6,7 @@ tokens, e.g. every ViT patch token):
     Sx = (1/T) sum_t x_t x_t^T        Sg = (1/T) sum_t g_t g_t^T,   g_t = dL/dy_t
 
 Each batch adds one GEMM `X^T X` with fp32 accumulation (on the compute device) into running sums of `stats_dtype`
-(float64 by default, METHOD.md), divided by the token count at the end. float32 sums halve the memory of the
+(float64 by default, docs/METHOD.md), divided by the token count at the end. float32 sums halve the memory of the
 statistics (what a 7B model needs on one GPU): a float32 sum of float32 GEMM partials keeps a relative error around
 1e-6 over thousands of batches, far below the 1e-2 relative damping every decomposition adds. Layers that read the
 same input tensor (q/k/v, gate/up) share one `Sx`, stored once.

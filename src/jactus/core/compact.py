@@ -1,4 +1,4 @@
-"""The deployable compact model (METHOD.md section 5).
+"""The deployable compact model (docs/METHOD.md section 5).
 
 A compact directory holds
 - `model.safetensors`: every parameter and buffer (non-persistent ones such as rotary `inv_freq` too, so a meta-device

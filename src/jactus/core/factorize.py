@@ -46,8 +46,8 @@ def factorize(
     `rho = 0`: the truncated SVD of the weight in the `stats_mode` metric, the compress-then-adapt baselines).
     freeze=True: the freeze policy of `core.freeze.train_cores`: only the cores, and per `keep_trainable` the
     factorized layers' biases ("bias") and the norm layers ("norm": any module whose class name contains Norm), plus
-    the `head_names` modules, train, in fp32. Everything else, LayerScale gammas included, is frozen: METHOD.md keeps
-    only norms and the head trainable besides the cores.
+    the `head_names` modules, train, in fp32. Everything else, LayerScale gammas included, is frozen: docs/METHOD.md
+    keeps only norms and the head trainable besides the cores.
     Decompositions run in `compute_dtype` (see `Decompositions`). The model is changed in place and returned;
     `model.jactus_rank_map` records the ranks.
     """
@@ -85,7 +85,8 @@ def build_layers(
     The factors take the weight's dtype; the core and bias, which train, at least fp32 (`core.precision`).
     `builder(decompositions, name, linear, rank)`, when given, builds each layer instead (another compressed layer
     from the same decompositions, e.g. TuneComp's two-branch layer). `nested`: the default layers get nested bases
-    (`union_subspace(nested=True)`: truncating them gives every smaller rank's factorization, METHOD.md section 11).
+    (`union_subspace(nested=True)`: truncating them gives every smaller rank's factorization; docs/METHOD.md
+    section 11).
     """
     check_choice(weight_basis, WEIGHT_BASES, "weight_basis")
     built: list[dict[str, FactorizedLinear]] = [{} for _ in rank_maps]

@@ -1,4 +1,4 @@
-"""The one freeze policy: which tensors of a prepared model train (METHOD.md section 3), and in which dtype.
+"""The one freeze policy: which tensors of a prepared model train (docs/METHOD.md section 3), and in which dtype.
 
 `train_cores` is what `factorize`, `compress_model`, a resumed run and every method that trains cores (jactus, cersa)
 use: the cores `C` of every `FactorizedLinear` (and the values of its sparse correction, if any), their biases, the norm layers and the task heads train; everything

@@ -1,4 +1,4 @@
-"""Second-order (OBS / SparseGPT-style) pruning of linear layers, plain PyTorch (METHOD.md section 10, `taco`).
+"""Second-order (OBS / SparseGPT-style) pruning of linear layers, plain PyTorch (docs/METHOD.md section 10, `taco`).
 
 A target `y = W x + b` (`W` m x n) is pruned to a mask while the surviving weights are updated to minimise the
 layer's output error on the calibration inputs, `trace((W - W') Sx (W - W')^T)`, with the damped input covariance as

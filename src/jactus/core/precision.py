@@ -1,4 +1,4 @@
-"""Mixed precision (METHOD.md section 8): frozen tensors in the backbone's dtype, trainable tensors in fp32.
+"""Mixed precision (docs/METHOD.md section 8): frozen tensors in the backbone's dtype, trainable tensors in fp32.
 
 A bf16 AdamW step of 3e-4 on a value near 1 rounds to nothing (bf16 spacing at 1.0 is 7.8e-3), so every method --
 JACTUS's cores, biases and norms, PEFT's adapters, TuneComp's student, a new task head -- keeps what it trains in
@@ -25,7 +25,7 @@ def autocast_for(model: nn.Module, device: torch.device | str):
     device = torch.device(device)
     return torch.autocast(device.type, dtype=dtype) if dtype in HALF_DTYPES else contextlib.nullcontext()
 # Lightning precision flags that keep fp32 parameters (autocast or plain fp32); the "-true" half flags convert the
-# whole module, trainable tensors included, to half precision, which METHOD.md section 8 rules out.
+# whole module, trainable tensors included, to half precision, which docs/METHOD.md section 8 rules out.
 MIXED_PRECISIONS = ("bf16-mixed", "16-mixed", "bf16", "16")
 FULL_PRECISIONS = ("32-true", "32", "64-true", "64")
 
@@ -61,7 +61,8 @@ def check_precision(precision: str | int | None, backbone_dtype: torch.dtype) ->
     (a `-mixed` flag) to mix its bf16 weights with fp32 trainables in one forward."""
     value = "32-true" if precision is None else str(precision)
     if value not in MIXED_PRECISIONS + FULL_PRECISIONS:
-        raise ValueError(f"trainer.precision={value!r}: every method trains its tensors in fp32 (METHOD.md section 8); "
+        raise ValueError(f"trainer.precision={value!r}: every method trains its tensors in fp32 "
+                         f"(docs/METHOD.md section 8); "
                          f"expected one of {list(MIXED_PRECISIONS + FULL_PRECISIONS)} ('-true' half precisions would "
                          f"cast the trainable tensors to half precision too)")
     if backbone_dtype in HALF_DTYPES and value not in MIXED_PRECISIONS:

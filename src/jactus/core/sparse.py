@@ -1,5 +1,5 @@
-"""A sparse correction `S x` on top of a low-rank layer: fixed support, trainable values (METHOD.md section 10, the
-last bullet: JACTUS with a sparse share of the budget).
+"""A sparse correction `S x` on top of a low-rank layer: fixed support, trainable values (docs/METHOD.md section 10:
+JACTUS with a sparse share of the budget).
 
 `SparseDelta` holds the support as flat row-major positions (`index`, a buffer, so checkpoints and compact models
 carry it) and the values as an fp32 parameter; its forward materialises the m x n matrix for the call (as many

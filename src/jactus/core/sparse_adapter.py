@@ -1,4 +1,4 @@
-"""RoSA's sparse adapter on a full-size linear: `y = W x + b + S x` (METHOD.md section 10, `rosa`).
+"""RoSA's sparse adapter on a full-size linear: `y = W x + b + S x` (docs/METHOD.md section 10, `rosa`).
 
 `S` has a fixed number of non-zeros (`nnz`, known from the density and the shape), whose values are an fp32 parameter
 from the start, so an optimizer built before training owns them; its support (`sparse.index`, a buffer that

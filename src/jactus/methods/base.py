@@ -98,7 +98,7 @@ class Method:
     shardable: bool = True  # an instance may turn it off for one of its options (jactus's core_dropout)
     unshardable_reason: str = "its training-time hooks read and prune whole layers, which a sharding strategy splits " \
                               "across ranks"
-    # distill.weight when the config leaves it null (METHOD.md section 9): TACO's recipe distils, the others do not
+    # distill.weight when the config leaves it null (docs/METHOD.md section 9): TACO's recipe distils, the others do not
     default_distill_weight: ClassVar[float] = 0.0
     # True: distillation uses the method's own teacher (`distill_teacher`) instead of a cache of the dense model
     own_teacher: ClassVar[bool] = False

@@ -52,7 +52,7 @@ def factor_linears(model: nn.Module) -> list[str]:
 
 @register("compress_then_adapt")
 class CompressThenAdapt(LowRankMethod):
-    """A classic compressor to the budget, then LoRA on the factors (METHOD.md section 6)."""
+    """A classic compressor to the budget, then LoRA on the factors (docs/METHOD.md section 6)."""
 
     layer_cls = LowRankLinear  # the core is folded at once; LoRA adapts the factors
 

@@ -20,25 +20,26 @@ from .peft_adapters import check_lora_options, is_adapter_parameter, lora_config
 
 @register("jactus")
 class Jactus(LowRankMethod):
-    """Joint adaptation and compression with a task-aware union of subspaces (METHOD.md sections 1-5).
+    """Joint adaptation and compression with a task-aware union of subspaces (docs/METHOD.md sections 1-5).
 
     The ablations of the paper are knobs: `rho=0` (weight subspace only), `weight_basis=plain`,
     `allocator=uniform`, `stats_mode=input` (Sg = I) or `gradient` (Sx = I). Compression runs through the
     memory-bounded `compress_model` with the `calib` group's memory options (`CalibSettings`: `max_stats_bytes`
     bounds the statistics held at once, `stats_dtype` is the dtype of their running sums, ...).
 
-    `sparse_share` > 0 (METHOD.md section 10, last bullet) gives that fraction of the budget to a sparse correction
-    `S x` on every factorized layer: the ranks are planned for `budget * (1 - sparse_share)`, then
+    `sparse_share` > 0 (docs/METHOD.md section 10, the sparse share) gives that fraction of the budget to a sparse
+    correction `S x` on every factorized layer: the ranks are planned for `budget * (1 - sparse_share)`, then
     `floor(sparse_share * budget * P)` non-zeros (P: the parameters in the budget's scope) are spread over the
     factorized layers at one density (in proportion to their m n), each layer's support being its largest entries
     of the weight Fisher (sum over calibration batches of (g^T x)^2) measured on the factorized model; the values
     start at zero (the factorized model is unchanged at init) and train with the cores. Deployed = low-rank + the
-    non-zeros; the supports' CSR index bytes are reported apart (`sparse_index_bytes`), as TACO reports them.
-    Decision where METHOD.md is silent: one density for all layers (RoSA's per-layer rule) rather than a global
+    non-zeros; the supports' CSR index bytes are reported apart (`sparse_index_bytes`), as TACO reports them. With
+    `unit=bytes` the share is of the byte budget and a non-zero costs its value plus an int32 position (as stored).
+    Decision where the papers are silent: one density for all layers (RoSA's per-layer rule) rather than a global
     Fisher threshold, whose raw scores are not comparable across layers of different widths.
 
-    `dense_adapter_r` > 0 (beyond the paper; default 0 = METHOD.md section 3, where a target the plan keeps dense is
-    frozen) puts a LoRA adapter (HF PEFT, rank `dense_adapter_r`, scale `dense_adapter_alpha / r`, no dropout) on
+    `dense_adapter_r` > 0 (beyond the paper; default 0 = docs/METHOD.md section 3, where a target the plan keeps dense
+    is frozen) puts a LoRA adapter (HF PEFT, rank `dense_adapter_r`, scale `dense_adapter_alpha / r`, no dropout) on
     every target the plan kept dense, trained with the cores; `export` merges it into the dense weight, so the
     deployed size does not change. Motivation (issue 19 item 5): at budget 0.8 on SmolLM2, 53 of 210 targets (every
     `v_proj` among them) stay dense and would otherwise never adapt to the task; there r16 moved the validation NLL

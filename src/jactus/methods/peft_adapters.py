@@ -1,4 +1,4 @@
-"""The PEFT anchors: LoRA, DoRA and PiSSA adapters (HF PEFT) on the full-size model (METHOD.md section 6).
+"""The PEFT anchors: LoRA, DoRA and PiSSA adapters (HF PEFT) on the full-size model (docs/METHOD.md section 6).
 
 Adapters are injected in place (`peft.inject_adapter_in_model`), so the trained module keeps the backbone's class,
 parameter names and forward signature (timm models and HF causal LMs alike); `export` merges every adapter into its

@@ -1,4 +1,4 @@
-"""RoSA (IST-DASLab, "Robust Adaptation"): `W + S + (alpha / r) B A` on the full model (METHOD.md section 10).
+"""RoSA (IST-DASLab, "Robust Adaptation"): `W + S + (alpha / r) B A` on the full model (docs/METHOD.md section 10).
 
 LoRA adapters (HF PEFT, as `lora`) plus, per target linear, a sparse adapter `S` (`core.sparse_adapter`) of
 `density_nnz(density, m, n)` non-zeros. Training starts with LoRA alone; the support of every `S` is chosen once, at

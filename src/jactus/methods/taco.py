@@ -1,4 +1,4 @@
-"""TACO-style task-aware pruning (METHOD.md section 10): second-order pruning of the target linears with the *task*
+"""TACO-style task-aware pruning (docs/METHOD.md section 10): second-order pruning of the target linears with the *task*
 calibration input covariance as each layer's Hessian, then fine-tuning of the surviving weights with the mask fixed,
 distilled from the dense model (section 9).
 
@@ -72,7 +72,7 @@ class Taco(Method):
 
     compresses = True
     shardable = False
-    default_distill_weight = 1.0  # METHOD.md sections 9-10: TACO fine-tunes with distillation from the dense model
+    default_distill_weight = 1.0  # docs/METHOD.md sections 9-10: TACO fine-tunes with distillation from the dense model
 
     def __init__(
         self,
@@ -185,7 +185,7 @@ class Taco(Method):
             layer = model.get_submodule(name)
             layer.register_buffer(MASK, mask.to(layer.weight.device, torch.bool))
         set_trainable(model, head_names=self.head_names, norms=True,
-                      extra=lambda name, _: name in trainable)  # trainables become fp32 (METHOD.md section 8)
+                      extra=lambda name, _: name in trainable)  # trainables become fp32 (docs/METHOD.md section 8)
         self._remove_hooks()
         for name in self.shapes:
             layer = model.get_submodule(name)

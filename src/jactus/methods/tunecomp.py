@@ -13,7 +13,7 @@ Decisions where the method's description is silent (each a knob):
   averaged across processes before each pruning, so every rank prunes the same components.
 - Trainable: the student factors and bias, norms and task heads (JACTUS's policy with the student in place of its
   cores), in fp32; the teacher (the original linear itself, not a copy) and everything else are frozen.
-- Logit distillation (`distill.weight` > 0) uses the teacher branch rather than a cache (METHOD.md section 9): the
+- Logit distillation (`distill.weight` > 0) uses the teacher branch rather than a cache (docs/METHOD.md section 9): the
   teacher's logits are the same model's with every layer at a_t = 1, i.e. the dense layers with the current norms
   and head, one extra no-grad forward per step.
 - The group lasso joins the task loss in `training_step` (`loss_terms`), so loss scaling and gradient accumulation
@@ -220,7 +220,7 @@ def two_branch_layers(model: nn.Module) -> dict[str, TwoBranchLinear]:
 class TuneComp(Method):
     compresses = True
     shardable = False
-    own_teacher = True  # distillation from the teacher branch (METHOD.md section 9)
+    own_teacher = True  # distillation from the teacher branch (docs/METHOD.md section 9)
 
     def __init__(
         self,
