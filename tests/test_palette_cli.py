@@ -1,13 +1,19 @@
 """jactus-train with method=jactus_palette on a tiny ViT: one run writes a compact model per budget and a `palette`
-list in summary.json; each member loads as a normal compact model; jactus-report shows the palette as one line."""
+list in summary.json; each member loads as a normal compact model whose evaluation gives the member's metrics; the
+loggers keep every member's metrics; jactus-report shows the palette as one line."""
 
 from __future__ import annotations
 
+import csv
 import json
 
+import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import open_dict
 
 from jactus.core import count_params, load_compact
+from jactus.lit.vision import ImageClassifier
 from jactus.report.load import load_summaries, results_frame
 
 FAST = ["model=vit_tiny_test", "data=synthetic_vision", "trainer=cpu", "trainer.fast_dev_run=true", "logger=none",
@@ -18,18 +24,24 @@ def test_palette_run_writes_a_compact_model_per_budget(compose_cfg, tmp_path):
     from jactus.train import train
 
     overrides = FAST + ["method=jactus_palette", "method.palette=[0.6,0.8]", "save_compact=true"]
-    train(compose_cfg(overrides, output_dir=tmp_path / "run"))
+    cfg = compose_cfg(overrides, output_dir=tmp_path / "run")
+    train(cfg)
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["method"] == "jactus_palette" and summary["budget"] == 0.8
     assert [member["budget"] for member in summary["palette"]] == [0.6, 0.8]
+    plans = {plan["budget"]: plan["rank_map"] for plan in summary["palette_plans"]}
+    test_batches = [next(iter(instantiate(cfg.data.module, _convert_="all").test_dataloader()))]  # fast_dev_run: 1
     for member in summary["palette"]:
         assert member["params_ratio"] <= member["budget"]
-        assert 0.0 <= member["metrics"]["test/acc"] <= 100.0
         compact = load_compact(run / "compact" / f"budget_{member['budget']}")
         assert count_params(compact) == member["params_deployed"]
-        with torch.no_grad():
-            assert compact(torch.randn(2, 3, 32, 32)).shape[0] == 2
+        assert compact.jactus_rank_map == plans[member["budget"]]  # the member is its budget's plan
+        # the member's metrics are those of the model written for it (not, say, of the member active last)
+        evaluated = ImageClassifier(compact).evaluate(test_batches, "cpu", progress=False)
+        assert evaluated["test/acc"] == member["metrics"]["test/acc"]
+        assert evaluated["test/nll"] == pytest.approx(member["metrics"]["test/nll"], rel=1e-5)
+    assert len({member["metrics"]["test/nll"] for member in summary["palette"]}) == 2  # two different models
     # jactus-eval on a member finds the palette run's summary two levels up: method, the member's budget and size
     from jactus.evaluate import _origin_summary
 
@@ -53,6 +65,29 @@ def test_palette_run_writes_a_compact_model_per_budget(compose_cfg, tmp_path):
     frame = results_frame(summaries)
     assert sorted(frame["label"]) == ["jactus_palette@0.6", "jactus_palette@0.8"]
     assert summaries[0]["rank_map"] != summaries[1]["rank_map"]
+
+
+def test_palette_run_logs_every_members_metrics(compose_cfg, tmp_path):
+    """The members are evaluated one after the other at the same step: each logs under its own names (`test_b60/*`,
+    `test_b80/*`), so metrics.csv (and W&B) holds every member's figures, and the largest also as the run's `test/*`."""
+    from jactus.train import train
+
+    overrides = ["model=vit_tiny_test", "data=synthetic_vision", "trainer=cpu", "trainer.max_steps=1",
+                 "trainer.limit_test_batches=1", "trainer.enable_checkpointing=false", "logger=csv", "callbacks=none",
+                 "calib.num_samples=16", "evaluate_before=false", "method=jactus_palette", "method.palette=[0.6,0.8]"]
+    cfg = compose_cfg(overrides, output_dir=tmp_path / "run")
+    with open_dict(cfg):
+        del cfg.hydra  # as under the CLI, which passes no `hydra` node: the loggers' hyperparameters resolve the config
+    summary = train(cfg)
+    with next((tmp_path / "run").rglob("metrics.csv")).open() as file:
+        logged = {key: float(value) for row in csv.DictReader(file) for key, value in row.items() if value}
+    for member, tag in zip(summary["palette"], ("test_b60", "test_b80"), strict=True):
+        assert member["metrics"].keys() == {"test/acc", "test/nll"}
+        for key, value in member["metrics"].items():
+            assert logged[key.replace("test/", f"{tag}/")] == pytest.approx(value), (tag, key)
+    assert logged["test/acc"] == pytest.approx(summary["metrics"]["test/acc"])
+    assert logged["test/nll"] == pytest.approx(summary["palette"][-1]["metrics"]["test/nll"])
+    assert summary["palette"][0]["metrics"]["test/nll"] != summary["palette"][1]["metrics"]["test/nll"]
 
 
 def test_report_draws_the_palette_beside_independent_runs(tmp_path):

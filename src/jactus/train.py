@@ -90,9 +90,11 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
     palette, member_items = [], []
     for budget, activate in members:
         activate(run.module.model)
+        run.module.metric_tag = member_tag(budget)  # the loggers get each member's metrics under its own names
         palette.append({"budget": budget, "metrics": _evaluate(cfg, trainer, run)})
         # each member's per-item results, tagged with its budget (one items file for the run)
         member_items += [{**record, "budget": budget} for record in _item_records(run.module, cfg.data.name)]
+    run.module.metric_tag = ""
     metrics = palette[-1]["metrics"] if palette else _evaluate(cfg, trainer, run)
     if not compression.applied:  # finetune=false, test=false and no validation split: nothing ran at all
         raise ValueError("finetune=false with test=false and no validation split evaluates nothing: set test=true or "
@@ -149,14 +151,28 @@ def _train(cfg: DictConfig, run_dir: Path, summary: dict, start: float) -> dict:
 
 
 def _evaluate(cfg: DictConfig, trainer: L.Trainer, run) -> dict[str, float]:
-    """`test/*` metrics (with `test`) and `val/*` metrics (when there is a validation split) of the model as it is."""
+    """`test/*` metrics (with `test`) and `val/*` metrics (when there is a validation split) of the model as it is,
+    under these names whatever `run.module.metric_tag` the loggers received them with."""
     metrics: dict[str, float] = {}
     run.module.item_results.clear()  # only the final evaluations' items (not the before-training ones) are written
     if cfg.test:
         results = trainer.test(run.module, datamodule=run.datamodule, verbose=False)
-        metrics = {k: float(v) for k, v in (results[0] if results else {}).items() if k.startswith("test/")}
+        metrics = _stage_metrics(results, "test", run.module.metric_tag)
     metrics.update(_validate(trainer, run))  # also with test=false: a learning-rate search needs val alone
     return metrics
+
+
+def member_tag(budget: float) -> str:
+    """The metric tag of a palette member (`TaskModule.metric_tag`): `_b60` for budget 0.6, so `test_b60/acc`. The
+    budget is in percent with `p` for a decimal point (`_b62p5`): W&B reads a dot in a metric name as nesting."""
+    return "_b" + f"{100 * budget:g}".replace(".", "p")
+
+
+def _stage_metrics(results: list[dict], stage: str, tag: str) -> dict[str, float]:
+    """The `<stage><tag>/<name>` entries of a trainer's results, as `<stage>/<name>`."""
+    prefix = f"{stage}{tag}/"
+    return {f"{stage}/{key[len(prefix):]}": float(value) for key, value in (results[0] if results else {}).items()
+            if key.startswith(prefix)}
 
 
 def _save_compact(deployed, path: Path, run) -> None:
@@ -188,7 +204,7 @@ def _validate(trainer: L.Trainer, run) -> dict[str, float]:
     if not trainer.limit_val_batches:
         trainer.limit_val_batches = 1.0
     results = trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
-    return {k: float(v) for k, v in (results[0] if results else {}).items() if k.startswith("val/")}
+    return _stage_metrics(results, "val", run.module.metric_tag)
 
 
 def _item_records(module, data_name: str) -> list[dict]:
@@ -200,9 +216,13 @@ def _item_records(module, data_name: str) -> list[dict]:
 
 
 def _log_to_loggers(trainer: L.Trainer, summary: dict) -> None:
-    numbers = {f"params/{k[len('params_'):]}": v for k, v in summary.items() if k.startswith("params_") and v is not None}
+    numbers = {f"{k.replace('_', '/', 1)}": v for k, v in summary.items()
+               if k.startswith(("params_", "bytes_")) and isinstance(v, (int, float))}  # params/ratio, bytes/deployed
+    if summary.get("palette"):  # the members logged under their own names; the largest is also the run's `test/*`
+        numbers.update(summary["metrics"])
     for logger in trainer.loggers:
-        logger.log_metrics(numbers)
+        logger.log_metrics(numbers, step=trainer.global_step)
+        logger.save()  # the trainer has finalized its loggers already: a CSV logger would not write these rows
         if summary.get("rank_map") and hasattr(logger, "log_table"):
             rows = [[name, -1 if rank is None else rank] for name, rank in summary["rank_map"].items()]
             logger.log_table(key="rank_map", columns=["layer", "rank (-1 = dense)"], data=rows)

@@ -1,4 +1,4 @@
-"""Palette fine-tuning (METHOD.md section 11): nested plans, nested bases whose truncation is the smaller budget's
+"""Palette fine-tuning (docs/METHOD.md section 11): nested plans, nested bases whose truncation is the smaller budget's
 factorization, the palette layers, per-member export (round trip through a fresh process), the budget sampler."""
 
 from __future__ import annotations
@@ -126,15 +126,17 @@ def test_each_member_computes_its_budgets_jactus_model():
     images = batches()[0][0]
     independent = compress_model(vit(), batches(), loss_fn, PALETTE, rank_multiple=2, head_names=["head"],
                                  progress=False)
-    compared = 0
-    for member, (reference, plan) in enumerate(independent):
-        if method.plans[member].ranks != plan.ranks:
-            continue  # a replayed plan can differ from the independent greedy (allocation docstring)
-        method.palette_members()[member][1](model)
+    # A replayed plan can differ from the independent greedy (allocation docstring); PALETTE is a case where every
+    # replay equals it, so every member is compared with its budget's own JACTUS model, the smaller ones included.
+    assert [plan.ranks for plan in method.plans] == [plan.ranks for _, plan in independent]
+    assert len({tuple(plan.ranks.items()) for plan in method.plans}) == len(PALETTE)  # three different members
+    compared = []
+    for (budget, activate), (reference, _) in zip(method.palette_members(), independent, strict=True):
+        activate(model)
         with torch.no_grad():
-            assert torch.allclose(model(images), reference(images), atol=1e-5)
-        compared += 1
-    assert compared
+            assert torch.allclose(model(images), reference(images), atol=1e-5), budget
+        compared.append(budget)
+    assert compared == PALETTE
 
 
 def test_a_layer_dense_at_a_larger_budget_keeps_its_dense_weight():
@@ -164,6 +166,32 @@ def test_a_step_on_one_member_leaves_the_others_parts_without_gradient():
             assert not module.U.requires_grad and not module.V.requires_grad
         if isinstance(module, PaletteNorm):
             assert module.members[0].weight.grad is not None and module.members[-1].weight.grad is None
+
+
+def test_core_blocks_never_decay():
+    """With `optim.weight_decay` > 0 the core blocks are in the optimizer's no-decay group: a step with zero gradients
+    (AdamW's update is then its decay alone) leaves every block as it was and shrinks the head, which decays."""
+    from types import SimpleNamespace
+
+    from jactus.lit.vision import ImageClassifier
+
+    _, model = palette_model()
+    module = ImageClassifier(model, head_names=["head"], lr=0.1, weight_decay=0.5)
+    module.trainer = SimpleNamespace(estimated_stepping_batches=10)
+    optimizer = module.configure_optimizers()["optimizer"]
+    blocks = [block for layer in model.modules() if isinstance(layer, PaletteLinear)
+              for block in [*layer.core_rows, *layer.core_cols]]
+    assert blocks and all(block.ndim == 2 and block.requires_grad for block in blocks)
+    decayed = {id(param) for group in optimizer.param_groups if group["weight_decay"] > 0 for param in group["params"]}
+    assert not any(id(block) in decayed for block in blocks) and id(model.head.weight) in decayed
+    before = [block.detach().clone() for block in blocks]
+    head = model.head.weight.detach().clone()
+    for param in model.parameters():
+        if param.requires_grad:
+            param.grad = torch.zeros_like(param)
+    optimizer.step()
+    assert all(torch.equal(block, start) for block, start in zip(blocks, before, strict=True))
+    assert torch.allclose(model.head.weight, head * (1 - 0.1 * 0.5))
 
 
 def _train_a_little(model):

@@ -74,6 +74,11 @@ class FactorizedLinear(nn.Module):
     def rank(self) -> int:
         return self.C.shape[0]
 
+    def core_parameters(self) -> list[nn.Parameter]:
+        """The core: the optimizer keeps it out of weight decay (a zero core is a layer with zero output, not the
+        pretrained one)."""
+        return [self.C]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The core and bias may be fp32 on bf16 factors (core.precision); under autocast the casts below are what
         # autocast does anyway, without it they keep one dtype per product.

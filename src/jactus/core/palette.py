@@ -1,11 +1,13 @@
-"""Palette fine-tuning (METHOD.md section 11): one set of factors serves a palette of budgets by truncation.
+"""Palette fine-tuning (docs/METHOD.md section 11): one set of factors serves a palette of budgets by truncation.
 
 A `PaletteLinear` holds the nested factors of the largest rank any member of the palette gives its layer
-(`union_subspace(nested=True)`: every smaller rank's factorization is the leading columns and core block), the core
-split into the blocks each member adds, and one bias per member; a member that keeps the layer dense computes with the
-frozen dense weight instead. A `PaletteNorm` holds one copy of a norm layer per member. `set_active_member` picks the
-member the model computes; `deploy_member` builds that member's deployable model (`LowRankLinear` / `nn.Linear` and its
-own norms), which `save_compact` writes as any compact model.
+(`union_subspace(nested=True)`: every smaller rank's factorization is the leading columns and core block; exactly, up
+to rounding, when the task directions come from the exact eigensolver, `calib.eig_method=eigh` or `auto` on the CPU,
+and to the accuracy of subspace iteration where `auto` runs it on CUDA), the core split into the blocks each member
+adds, and one bias per member; a member that keeps the layer dense computes with the frozen dense weight instead. A
+`PaletteNorm` holds one copy of a norm layer per member. `set_active_member` picks the member the model computes;
+`deploy_member` builds that member's deployable model (`LowRankLinear` / `nn.Linear` and its own norms), which
+`save_compact` writes as any compact model.
 
 Why the core is split: every block of the core that member k uses is a parameter of its own, so a step that trains a
 smaller member leaves the blocks only larger members use without a gradient (`None`): the optimizer skips them, with
@@ -80,6 +82,11 @@ class PaletteLinear(nn.Module):
         for level in range(1, self.levels.index(rank) + 1):
             core = torch.cat([torch.cat([core, self.core_cols[level - 1]], dim=1), self.core_rows[level]], dim=0)
         return core
+
+    def core_parameters(self) -> list[nn.Parameter]:
+        """Every core block: the optimizer keeps them out of weight decay (a zero core is a layer with zero output, not
+        the pretrained one)."""
+        return [*self.core_rows, *self.core_cols]
 
     def member_bias(self, index: int) -> torch.Tensor | None:
         return None if self.biases is None else self.biases[index]

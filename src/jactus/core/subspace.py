@@ -233,20 +233,24 @@ def task_directions(rank: int, rho: float) -> int:
 def union_subspace(weight: torch.Tensor, metric: Metric, rank: int, rho: float = 0.25,
                    weight_basis: str = "whitened", layer: str = "?", svd: WhitenedSVD | None = None,
                    eig_method: str = "auto", nested: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthonormal bases `U` (m x r) and `V` (n x r) of the task-aware union (METHOD.md section 2).
+    """Orthonormal bases `U` (m x r) and `V` (n x r) of the task-aware union (docs/METHOD.md section 2).
 
     Weight directions: top singular vectors of the whitened weight mapped back (or of `W` for `plain`); `svd` is a
     precomputed `whitened_svd` with vectors. Task directions: top-b eigenvectors of Sg (output side) and Sx (input
     side), by `eig_method` (`top_eigenvectors`); a side without statistics takes weight directions only. Dependent
     directions are replaced by the next weight directions, so each basis has `rank` columns.
 
-    `nested=True` (palette fine-tuning, METHOD.md section 11): the bases of every smaller rank are the first columns.
-    The candidates interleave the two kinds so that each prefix of length j holds `j - b(j)` weight and `b(j)` task
-    directions (`b = task_directions`): the set the union at rank j is built from. The columns are orthogonal in
+    `nested=True` (palette fine-tuning, docs/METHOD.md section 11): the bases of every smaller rank are the first
+    columns. The candidates interleave the two kinds so that each prefix of length j holds `j - b(j)` weight and
+    `b(j)` task directions (`b = task_directions`): the set the union at rank j is built from. The columns are orthogonal in
     each side's metric (`U^T Sg U` and `V^T Sx V` diagonal, Gram-Schmidt in the whitened space) and of unit
     Euclidean norm, instead of orthonormal: then the projected core of the first j columns is the leading j x j block
-    of the projected core at rank `rank`, so truncating `U C V^T` gives the rank-j factorization exactly (its
-    product; the basis differs from the orthonormal one by an invertible j x j map).
+    of the projected core at rank `rank`, so truncating `U C V^T` gives the product of the rank-j factorization (the
+    basis differs from the orthonormal one by an invertible j x j map). Exactly, up to rounding, when the task
+    directions are exact eigenvectors (`eig_method="eigh"`, or `"auto"` where it resolves to `eigh`: always on the
+    CPU): the b(j) leading ones are then the same at both ranks. Where `"auto"` runs subspace iteration (CUDA;
+    `resolve_eig_method`), the leading b(j) of the b(`rank`) iterated directions match those a rank-j iteration
+    returns only to the iteration's accuracy, and so does the truncation; the weight directions nest exactly either way.
     """
     check_choice(weight_basis, WEIGHT_BASES, "weight_basis")
     m, n = weight.shape

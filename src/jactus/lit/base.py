@@ -43,6 +43,9 @@ class TaskModule(L.LightningModule):
         self.head_names = list(head_names)
         self.lr, self.weight_decay = lr, weight_decay
         self.warmup_ratio, self.min_lr_ratio = warmup_ratio, min_lr_ratio
+        # Logged evaluation metrics are named `<stage><metric_tag>/...`: jactus-train tags each palette member
+        # (`test_b60/acc`), whose evaluations all run at one step and would otherwise overwrite each other in a logger.
+        self.metric_tag = ""
 
     # ---- what subclasses provide -------------------------------------------------------------------------
     def loss_and_logits(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,14 +96,13 @@ class TaskModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        from ..core import FactorizedLinear
-
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("no trainable parameters: the method froze everything")
         # Weight decay pulls a parameter toward zero: right for a dense weight or a head, wrong for a core, where
-        # zero means a layer with zero output rather than the pretrained weights; cores never decay.
-        cores = {id(m.C) for m in self.model.modules() if isinstance(m, FactorizedLinear)}
+        # zero means a layer with zero output rather than the pretrained weights; cores never decay. Each layer that
+        # holds cores names them (`core_parameters()`: FactorizedLinear's C, PaletteLinear's core blocks).
+        cores = {id(p) for m in self.model.modules() if hasattr(m, "core_parameters") for p in m.core_parameters()}
         decay = [p for p in params if p.ndim >= 2 and id(p) not in cores]
         no_decay = [p for p in params if p.ndim < 2 or id(p) in cores]
         optimizer = torch.optim.AdamW(
@@ -160,8 +162,9 @@ class TaskModule(L.LightningModule):
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
             items = _gather_items(items)
         self.item_results[stage] = _stack_items(items)
-        for key, value in self.metrics_from_counts(counts, stage).items():
-            self.log(key, value, sync_dist=False, prog_bar=key == f"{stage}/acc")
+        logged = stage + self.metric_tag
+        for key, value in self.metrics_from_counts(counts, logged).items():
+            self.log(key, value, sync_dist=False, prog_bar=key == f"{logged}/acc")
 
     @property
     def item_results(self) -> dict[str, dict[str, torch.Tensor] | None]:

@@ -1,4 +1,5 @@
-"""JACTUS palette fine-tuning: one run, one compact model per budget (METHOD.md section 11, ESTA's idea on JACTUS)."""
+"""JACTUS palette fine-tuning: one run, one compact model per budget (docs/METHOD.md section 11; ESTA's idea on
+JACTUS)."""
 
 from __future__ import annotations
 
@@ -86,17 +87,19 @@ def saliency(model: nn.Module) -> float:
 
 @register("jactus_palette")
 class JactusPalette(Jactus):
-    """JACTUS trained once for a palette of budgets (METHOD.md section 11).
+    """JACTUS trained once for a palette of budgets (docs/METHOD.md section 11).
 
     One calibration plans nested ranks for every budget (`plan_ranks(nested=True)`) and builds one set of nested
-    factors at the largest rank any budget gives a layer (`union_subspace(nested=True)`: truncation gives each smaller
-    budget's JACTUS factorization exactly). Shared: the factors, the cores (each member trains the leading block of
-    its rank) and the task heads (ESTA shares its classifier as well; a head is the same task map for every member).
-    Per member: the bias of every factorized target and every norm layer. A target dense at a larger budget but
-    factorized at a smaller one keeps its frozen dense weight for the larger members. Each optimizer step trains one
-    member, drawn by `BudgetSampler` (`sampling`: uniform | importance); `summary()` reports the final sampling
-    distribution, the importance scores and the steps each member got. At the end every member is evaluated and
-    exported as its own compact model (`palette_members`, used by jactus-train).
+    factors at the largest rank any budget gives a layer (`union_subspace(nested=True)`). Truncation gives each smaller
+    budget's JACTUS factorization exactly (up to rounding) when the task directions come from the exact eigensolver
+    (`calib.eig_method=eigh`, or `auto` on the CPU); where `auto` runs subspace iteration (CUDA, a few directions of a
+    large layer) it gives it to that iteration's accuracy. Shared: the factors, the cores (each member trains the
+    leading block of its rank) and the task heads (ESTA shares its classifier as well; a head is the same task map for
+    every member). Per member: the bias of every factorized target and every norm layer. A target dense at a larger
+    budget but factorized at a smaller one keeps its frozen dense weight for the larger members. Each optimizer step
+    trains one member, drawn by `BudgetSampler` (`sampling`: uniform | importance); `summary()` reports the final
+    sampling distribution, the importance scores and the steps each member got. At the end every member is evaluated
+    and exported as its own compact model (`palette_members`, used by jactus-train).
 
     Not shardable: the importance score reads whole gradients, which FSDP splits across ranks. `sparse_share` is
     not offered (the sparse supports would need nesting too).
@@ -121,6 +124,7 @@ class JactusPalette(Jactus):
         targets: Sequence[str] | None = None,
         mask_key: str = "attention_mask",
         calib: Mapping | None = None,
+        unit: str = "params",
     ):
         budgets = [palette] if isinstance(palette, (int, float)) else list(palette)
         if not budgets or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1
@@ -132,7 +136,7 @@ class JactusPalette(Jactus):
         self.palette = sorted(float(b) for b in budgets)
         super().__init__(budget=self.palette[-1], scope=scope, allocator=allocator, rank_multiple=rank_multiple,
                          rho=rho, weight_basis=weight_basis, stats_mode=stats_mode, damping=damping, targets=targets,
-                         mask_key=mask_key, calib=calib)
+                         mask_key=mask_key, calib=calib, unit=unit)
         self.sampler = BudgetSampler(len(self.palette), sampling, importance_momentum, uniform_mix, seed)
         self.plans: list[RankPlan] = []
         self.active = len(self.palette) - 1
@@ -146,7 +150,8 @@ class JactusPalette(Jactus):
             raise ValueError("jactus_palette needs calibration batches (the datamodule's calibration_dataloader())")
         self.head_names = list(ctx.head_names)
         dense = {name: linear.weight for name, linear in find_targets(ctx.model, self.targets).items()}
-        results = self._compress(ctx, self.palette, nested=True)
+        results = self._compress(ctx, [self.params_budget(ctx.model, budget, self.targets) for budget in self.palette],
+                                 nested=True)
         model = results[0][0]
         self.plans = [plan for _, plan in results]
         self.plan = self.plans[-1]
