@@ -283,6 +283,11 @@ def test_a_budget_in_bytes_is_its_own_row_and_the_bytes_column_shows_where_runs_
     assert frame["taco@0.8"]["Bytes (%)"] == "—"
     assert "Bytes (%)" not in report.build_tables(report.results_frame(report.load_summaries([root / "params"])[0]))[
         0].all_columns
+    assert report.main([str(root), "--out", str(tmp_path / "out")]) == 0  # the figure against bytes is drawn too
+    assert (tmp_path / "out" / "acc_vs_bytes.png").stat().st_size > 0
+    assert "acc_vs_bytes.png" in (tmp_path / "out" / "report.md").read_text()
+    assert report.main([str(root / "params"), "--out", str(tmp_path / "params_only")]) == 0
+    assert not (tmp_path / "params_only" / "acc_vs_bytes.png").exists()  # no run recorded its bytes
 
 
 def test_rank_heatmap_rows_follow_the_table(tmp_path, monkeypatch):

@@ -11,6 +11,8 @@ Writes to `--out` (default: the first sweep dir):
                       exists, "failed" where every run failed; the best mean of each column in bold.
   results.csv         long format: one row per (run, column), failed runs included with an empty value.
   acc_vs_params.png   accuracy against retained parameters (%), one panel per column, one line per method.
+  acc_vs_bytes.png    the same against the deployed model's stored bytes (% of the dense model's), where runs record
+                      them (summary.json's bytes_ratio).
   rank_heatmap.png    per-layer ranks of the runs that carry a `rank_map` (grey = kept dense); skipped with a note
                       in report.md when none does.
   gaps.csv            with `--gaps REF:OTHER[,OTHER...]` (repeatable; labels as in the table's rows, e.g.
@@ -123,6 +125,8 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"csv": out / "results.csv", "acc_vs_params": plot_acc_vs_params(tables, out / "acc_vs_params.png", metric)}
+    if any(ratio is not None for table in tables for ratio in table.bytes_ratio.values()):
+        files["acc_vs_bytes"] = plot_acc_vs_params(tables, out / "acc_vs_bytes.png", metric, x="bytes")
     frame.to_csv(files["csv"], index=False)
     if gap_tables:
         files["gaps"] = out / "gaps.csv"
@@ -156,6 +160,8 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
                 lines += [f"No per-item results ({ITEMS_FILE}) for: {', '.join(gap_table.without_items)}; these "
                           f"runs take no part in the intervals.", ""]
     lines += ["## Plots", "", "![accuracy vs retained parameters](acc_vs_params.png)", ""]
+    if "acc_vs_bytes" in files:
+        lines += ["![accuracy vs deployed bytes](acc_vs_bytes.png)", ""]
     if heatmap is not None:
         lines += ["![rank allocation per layer](rank_heatmap.png)", ""]
     else:
@@ -198,7 +204,7 @@ def log_to_wandb(report: Report, project: str = "jactus", name: str | None = Non
         for index, gaps in enumerate(report.gaps):
             payload[f"report/gaps_{index}"] = wandb.Table(dataframe=pd.DataFrame.from_records(gaps.to_records()))
         payload["report/results"] = wandb.Table(dataframe=report.frame.astype(str))
-        for key in ("acc_vs_params", "rank_heatmap"):
+        for key in ("acc_vs_params", "acc_vs_bytes", "rank_heatmap"):
             if key in report.files:
                 payload[f"report/{key}"] = wandb.Image(str(report.files[key]))
         run.log(payload)

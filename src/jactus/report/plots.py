@@ -1,4 +1,4 @@
-"""Figures: accuracy against retained parameters, and the per-layer rank heatmap."""
+"""Figures: accuracy against retained parameters or deployed bytes, and the per-layer rank heatmap."""
 
 from __future__ import annotations
 
@@ -24,8 +24,14 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height))
 
 
-def plot_acc_vs_params(tables: list[ResultTable], path, metric: str = "test/acc") -> Path:
-    """One panel per (table, column incl. the average): accuracy against retained parameters, a line per method."""
+X_AXES = {"params": "retained parameters (%)", "bytes": "deployed bytes (% of the dense model's)"}
+
+
+def plot_acc_vs_params(tables: list[ResultTable], path, metric: str = "test/acc", x: str = "params") -> Path:
+    """One panel per (table, column incl. the average): accuracy against retained parameters (`x="params"`) or the
+    deployed model's stored bytes (`x="bytes"`: rows whose runs record them), a line per method."""
+    if x not in X_AXES:
+        raise ValueError(f"x={x!r}: expected one of {list(X_AXES)}")
     import matplotlib
 
     panels = [(table, column) for table in tables for column in [*table.columns, AVERAGE]]
@@ -45,7 +51,7 @@ def plot_acc_vs_params(tables: list[ResultTable], path, metric: str = "test/acc"
     for ax, (table, column) in zip(axes.flat, panels, strict=False):
         series: dict[str, list[tuple[float, float, float]]] = {}
         for row in table.rows:
-            cell, ratio = table.cell(row, column), table.ratio.get(row)
+            cell, ratio = table.cell(row, column), (table.ratio if x == "params" else table.bytes_ratio).get(row)
             if cell.mean is None or ratio is None:
                 continue
             line = re.sub(r"@[0-9.eE+-]+", "", row)  # one line per method (and --split-by values) across budgets
@@ -55,7 +61,7 @@ def plot_acc_vs_params(tables: list[ResultTable], path, metric: str = "test/acc"
             xs, ys, errs = zip(*points, strict=True)
             ax.errorbar(xs, ys, yerr=errs, capsize=2, label=method, **style(method))
         ax.set_title(column if len(tables) == 1 else f"{column} · {table.title}", fontsize=9)
-        ax.set_xlabel("retained parameters (%)", fontsize=8)
+        ax.set_xlabel(X_AXES[x], fontsize=8)
         ax.set_ylabel(metric, fontsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
