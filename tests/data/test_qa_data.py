@@ -72,6 +72,15 @@ def test_splits_are_seeded_disjoint_and_calibration_comes_from_train(byte_tokeni
     torch.testing.assert_close(next(iter(a.calibration_dataloader())), next(iter(b.calibration_dataloader())))
 
 
+def test_a_calibration_larger_than_the_training_split_takes_all_of_it_and_says_so(byte_tokenizer, caplog):
+    dm = synthetic(byte_tokenizer, calib_num_samples=10_000)
+    with caplog.at_level("WARNING", logger="jactus"):
+        dm.setup()
+    assert len(dm.items["calib"]) == len(dm.items["train"]) > 0
+    assert f"calib.num_samples=10000, but the training split of synthetic_qa has {len(dm.items['train'])} items" \
+        in caplog.text
+
+
 def test_label_format_uses_llm_adapters_outputs(byte_tokenizer):
     dm = synthetic(byte_tokenizer, answer_format="label")
     dm.setup()

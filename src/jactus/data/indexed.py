@@ -7,6 +7,7 @@ indices: as `batch["example_idx"]` for a dict batch (QA), as a third element for
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -36,3 +37,13 @@ class IndexedCollator:
         if isinstance(batch, (tuple, list)):
             return (*batch, index)
         raise TypeError(f"cannot add example indices to a batch of type {type(batch).__name__}")
+
+
+def calibration_indices(order: list[int], requested: int, what: str) -> list[int]:
+    """The first `requested` of a shuffled `order` of training items; says so when the split has fewer (the
+    calibration then takes every training item, not the number asked for)."""
+    if requested > len(order):
+        logging.getLogger("jactus").warning(
+            "calib.num_samples=%d, but the training split of %s has %d items: calibrating on all %d of them",
+            requested, what, len(order), len(order))
+    return list(order[:requested])

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from .indexed import Indexed, IndexedCollator
+from .indexed import Indexed, IndexedCollator, calibration_indices
 from .qa import (  # noqa: F401
     ANSWER_FORMATS,
     COMMONSENSE_TASKS,
@@ -118,7 +118,8 @@ class QADataModule(L.LightningDataModule):
             splits["train"] = split_items(train, f"{self.seed}:train_file", 0, 0, total)["train"]
         order = list(range(len(splits["train"])))
         random.Random(f"{self.seed}:calibration").shuffle(order)
-        splits["calib"] = [splits["train"][i] for i in order[: self.calib_num_samples]]
+        splits["calib"] = [splits["train"][i] for i in calibration_indices(order, self.calib_num_samples,
+                                                                          "+".join(self.task_names))]
         self.items = splits
 
     def _task_rows(self, task: str):

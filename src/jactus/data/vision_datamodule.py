@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .indexed import Indexed, IndexedCollator
+from .indexed import Indexed, IndexedCollator, calibration_indices
 from .registry import get_vision_dataset
 from .vision import (  # noqa: F401
     IMAGENET_MEAN,
@@ -107,7 +107,7 @@ class VisionDataModule(L.LightningDataModule):
             self._splits["val"] = Subset(source, order[: self.val_size])
             self._splits["train"] = Subset(source, order[self.val_size:end])
             train = self._splits["train"]
-            calib = self._permutation(len(train), 2)[: self.calib_num_samples]
+            calib = calibration_indices(self._permutation(len(train), 2), self.calib_num_samples, self.dataset_name)
             self._splits["calib"] = Subset(train, calib)
         return self._splits[name]
 
