@@ -97,3 +97,8 @@ def test_jactus_rho_is_set_per_experiment_and_overridable(compose_cfg):
     assert rho(["experiment=offline_llama", "method=jactus_palette"]) == 0.0
     assert rho(["experiment=offline_llama", "variant=jactus_0.8", "method.rho=0.1"]) == 0.1
     assert compose_cfg(["experiment=offline_llama"]).calib.num_samples == 512
+    # jactus-compress: no fine-tuning follows, so no rank for task directions unless asked
+    compress = OmegaConf.to_container(compose_cfg([], config_name="compress").method, resolve=True)
+    assert compress["rho"] == 0.0
+    assert OmegaConf.to_container(compose_cfg(["jactus_rho=0.25"], config_name="compress").method,
+                                  resolve=True)["rho"] == 0.25
