@@ -72,3 +72,26 @@ def test_qa_scoring_toy(tmp_path):
     assert record["scale"] == "toy-scale" and record["setup"]["questions"] == 16
     assert set(record["median_s"]) == {"full", "shared_prefix"} and record["speedup"] > 0
     assert record["max_abs_score_diff"] < 1e-5 and record["same_predictions"]
+
+
+def test_infer_real_toy(tmp_path):
+    import infer_real
+
+    record = infer_real.main(["--scale", "toy", "--cache-dir", str(tmp_path / "cache"), "--out",
+                              str(tmp_path / "r.json")])
+    assert record["scale"] == "toy-scale" and record["threads"] >= 1
+    assert {"load_1min_before", "load_1min_after", "torch", "date", "device"} <= set(record)
+    variants = {"dense", "jactus_0.9", "jactus_0.8", "jactus_0.6", "taco_0.8_zeros", "taco_0.8_csr", "taco_2:4_zeros"}
+    for family, measurements in (("causal_lm", {"prefill_b1", "prefill_b2", "decode_b1"}),
+                                 ("vision", {"images_b2"})):
+        result = record[family]
+        assert set(result["variants"]) == variants and set(result["vs_dense"]) == variants | {"taco_0.8_best"}
+        assert all(set(ratios) == measurements and min(ratios.values()) > 0 for ratios in result["vs_dense"].values())
+        assert set(result["vs_dense"]["dense"].values()) == {1.0}
+        info = result["variants"]
+        assert info["taco_0.8_csr"]["rel_diff_vs_taco_0.8_zeros"] < 1e-4  # the CSR forward is the same function
+        assert info["jactus_0.6"]["memory_bytes"] < info["jactus_0.8"]["memory_bytes"] < info["dense"]["memory_bytes"]
+        assert 0.75 < info["taco_0.8_zeros"]["params_ratio"] <= 0.8 and info["taco_2:4_zeros"]["density"] == 0.5
+        assert all({"load_gb", "peak_gb"} <= set(entry["memory"]) for entry in info.values())
+    compact = tmp_path / "cache" / "llama_tiny_test-synthetic_qa-calib8" / "jactus" / "budget_0.6"
+    assert (compact / "model.safetensors").is_file()

@@ -161,7 +161,7 @@ def shared_prefix_scores(model, input_ids, attention_mask, labels) -> torch.Tens
 
     Falls back to the full path (logged once per reason) for batches that are not laid out as above and for models
     whose forward takes no cache (`cache` / `past_key_values`) or `position_ids`, or returns no cache."""
-    keyword, reason = _cache_keyword(model)
+    keyword, reason = cache_keyword(model)
     reason = reason or _layout_problem(attention_mask, labels)
     if reason is None:
         scores = _shared_prefix_scores(model, keyword, input_ids, attention_mask, labels)
@@ -197,7 +197,7 @@ def _shared_prefix_scores(model, keyword: str, input_ids, attention_mask, labels
         _, output = _logits_at(model, torch.zeros(1, shared, dtype=torch.bool, device=device),
                                input_ids=prompts[:1, :shared], attention_mask=prompt_mask[:1, :shared],
                                position_ids=positions[None, :shared], use_cache=True)
-        cache = _output_cache(output)
+        cache = output_cache(output)
         if cache is None:
             return None
         cache = _select_rows(cache, torch.zeros(len(groups), dtype=torch.long, device=device))
@@ -205,7 +205,7 @@ def _shared_prefix_scores(model, keyword: str, input_ids, attention_mask, labels
     first_logits, output = _logits_at(model, last, input_ids=prompts[:, shared:], attention_mask=prompt_mask,
                                       position_ids=positions[shared:].expand(len(groups), -1), use_cache=True,
                                       **({keyword: cache} if cache is not None else {}))
-    cache = _output_cache(output)
+    cache = output_cache(output)
     if cache is None:
         return None
     del output
@@ -243,7 +243,7 @@ def _common_prefix_length(sequences: list[tuple[int, ...]], limit: int) -> int:
     return length
 
 
-def _output_cache(output):
+def output_cache(output):
     return getattr(output, "cache", None) or getattr(output, "past_key_values", None)
 
 
@@ -255,7 +255,7 @@ def _select_rows(cache, index: torch.Tensor):
     return tuple(tuple(tensor.index_select(0, index) for tensor in layer) for layer in cache)
 
 
-def _cache_keyword(model) -> tuple[str, str | None]:
+def cache_keyword(model) -> tuple[str, str | None]:
     """The forward's cache argument ("cache" in transformers >= 5.2x, "past_key_values" before) and why `model`
     cannot continue from a prompt's cache (None when it can)."""
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
