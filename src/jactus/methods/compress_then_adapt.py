@@ -17,16 +17,8 @@ from peft import inject_adapter_in_model
 from torch import nn
 
 from ..core import BUDGET_ALLOCATORS, SCOPES, LowRankLinear, compress_model, fold_factorized
-from .base import (
-    CalibSettings,
-    MethodContext,
-    check_budget,
-    check_positive,
-    check_unit,
-    choice,
-    register,
-    set_trainable,
-)
+from ..core.byte_budget import check_unit
+from .base import CalibSettings, MethodContext, check_budget, check_positive, choice, register, set_trainable
 from .low_rank import LowRankMethod
 from .peft_adapters import check_lora_options, is_adapter_parameter, lora_config, merge_adapters
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..core import SCOPES, count_params, find_targets, resolve_max_stats_bytes
-from ..core.byte_budget import ByteBudget
+from ..core.byte_budget import ByteBudget, check_unit
 from ..core.compact import BITMASK_FORMAT, bitmask_bytes
 from ..core.obs_prune import ALLOCATIONS, n_m_index_bytes, parse_pattern, prune_linears
 from ..core.sparse import csr_index_bytes, uniform_nnz
@@ -51,7 +51,6 @@ from .base import (
     MethodContext,
     check_budget,
     check_positive,
-    check_unit,
     choice,
     register,
     set_trainable,

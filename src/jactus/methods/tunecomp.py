@@ -39,21 +39,12 @@ import torch.distributed as dist
 from torch import nn
 
 from ..core import BUDGET_ALLOCATORS, SCOPES, LowRankLinear, compress_model, count_params, find_targets
+from ..core.byte_budget import check_unit
 from ..core.decompositions import Decompositions
 from ..core.params import linear_cost
 from ..core.precision import trainable_dtype
 from ..core.subspace import Metric, weight_bases, whitened_svd
-from .base import (
-    CalibSettings,
-    Method,
-    MethodContext,
-    check_budget,
-    check_positive,
-    check_unit,
-    choice,
-    register,
-    set_trainable,
-)
+from .base import CalibSettings, Method, MethodContext, check_budget, check_positive, choice, register, set_trainable
 from .compress_then_adapt import calibration_batches
 
 
