@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from ..core.bounded import parse_bytes, resolve_max_stats_bytes
-from ..core.byte_budget import check_unit  # noqa: F401  (re-exported for the methods)
 from ..core.freeze import is_norm, set_trainable, train_cores  # noqa: F401  (re-exported for the methods)
 from ..core.linalg import EIG_METHODS
 

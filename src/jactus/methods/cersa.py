@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from torch import nn
 
 from ..core import SCOPES, compress_model
-from .base import CalibSettings, MethodContext, check_budget, check_positive, check_unit, choice, register
+from ..core.byte_budget import check_unit
+from .base import CalibSettings, MethodContext, check_budget, check_positive, choice, register
 from .low_rank import LowRankMethod
 
 

@@ -9,11 +9,11 @@ from peft import inject_adapter_in_model
 from torch import nn
 
 from ..core import ALLOCATORS, SCOPES, STATS_MODES, FactorizedLinear, compress_model, find_targets
-from ..core.byte_budget import SPARSE_POSITION_BYTES, ByteBudget
+from ..core.byte_budget import SPARSE_POSITION_BYTES, ByteBudget, check_unit
 from ..core.compact import attach_sparse_structure
 from ..core.sparse import SparseDelta, sparse_index_bytes, top_support, uniform_nnz, weight_fisher
 from ..core.subspace import WEIGHT_BASES
-from .base import CalibSettings, MethodContext, check_budget, check_unit, choice, register, train_cores
+from .base import CalibSettings, MethodContext, check_budget, choice, register, train_cores
 from .low_rank import LowRankMethod
 from .peft_adapters import check_lora_options, is_adapter_parameter, lora_config, merge_adapters
 
