@@ -96,6 +96,13 @@ def test_export_loads_without_jactus_and_matches_the_compact_model(tmp_path):
     jactus.export_hf(compressed, tmp_path / "factorized")  # the library call on the factorized (unfolded) model
     qwen2 = _qwen2_with_lowrank_layers()
     jactus.export_hf(qwen2, tmp_path / "qwen2")
+    # shared input bases (q/k/v, gate/up): one `down` per group in the compact file, exported per layer
+    shared, shared_plan = jactus.compress_model(create_causal_lm(config={"tie_word_embeddings": True}).model,
+                                                _lm_batches(), lambda m, b: m(**b).loss, 0.7, rank_multiple=4,
+                                                progress=False, share_bases=True)
+    assert shared_plan.shared and any(shared_plan.ranks[group[0]] for group in shared_plan.shared)
+    jactus.save_compact(shared, tmp_path / "compact_shared")
+    main([str(tmp_path / "compact_shared"), str(tmp_path / "shared")])
 
     config = json.loads((tmp_path / "llama" / "config.json").read_text())
     low_rank = {name: rank for name, rank in plan.ranks.items() if rank is not None}
@@ -104,11 +111,12 @@ def test_export_loads_without_jactus_and_matches_the_compact_model(tmp_path):
     assert (tmp_path / "llama" / "tokenizer.json").is_file() and not (tmp_path / "qwen2" / "tokenizer.json").exists()
 
     input_ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(5))
-    models = ["llama", "factorized", "qwen2"]
+    models = ["llama", "factorized", "qwen2", "shared"]
     torch.save({"input_ids": input_ids, "models": models}, tmp_path / "inputs.pt")
     compact = jactus.load_compact(tmp_path / "compact")
     with torch.no_grad():
         expected = {"llama": compact(input_ids=input_ids).logits, "qwen2": qwen2(input_ids=input_ids).logits,
+                    "shared": jactus.load_compact(tmp_path / "compact_shared")(input_ids=input_ids).logits,
                     "llama.generated": compact.generate(input_ids[:1], max_new_tokens=4, do_sample=False)}
 
     env = {"PATH": os.environ.get("PATH", ""), "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1",
@@ -127,6 +135,7 @@ def test_export_loads_without_jactus_and_matches_the_compact_model(tmp_path):
         torch.testing.assert_close(outputs[name], expected["llama"], rtol=1e-5, atol=1e-5)
         assert torch.equal(outputs[name + ".generated"], expected["llama.generated"])
     torch.testing.assert_close(outputs["qwen2"], expected["qwen2"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs["shared"], expected["shared"], rtol=1e-5, atol=1e-5)
 
     from transformers import AutoModelForCausalLM
 

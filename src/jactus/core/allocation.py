@@ -57,6 +57,9 @@ class RankPlan:
     # (docs/METHOD.md section 4); None in plans saved before it was recorded. A diagnostic, not part of a plan's
     # identity: plans with the same ranks compare equal whatever the rounding of their spectra
     residual: dict[str, float] | None = field(default=None, compare=False)
+    # groups of targets that share one input basis (docs/METHOD.md section 3.3): one rank for the group, priced at
+    # n + sum m_i parameters a unit; a group's residual is recorded on its first layer (0 on the others)
+    shared: list[list[str]] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,13 +73,20 @@ class RankPlan:
 
 @dataclass
 class _Layer:
+    """One unit of the allocation: a target, or a group of targets sharing an input basis (`members`, the first
+    one's name as `name`, `out_features` the sum of theirs, `bias_params` their bias parameters)."""
+
     name: str
     out_features: int
     in_features: int
     bias: bool
     gains: torch.Tensor  # s^2, descending, fp64 on CPU
+    members: tuple[str, ...] = ()
+    bias_params: int = 0
 
     def cost(self, rank: int | None) -> int:
+        if self.members:
+            return linear_cost(self.in_features, self.out_features, rank, False) + self.bias_params
         return linear_cost(self.in_features, self.out_features, rank, self.bias)
 
     @property
@@ -97,19 +107,26 @@ class _Layer:
 
 def layer_spectra(model: nn.Module, stats, stats_mode: str = "kfac", damping: float = DEFAULT_DAMPING,
                   targets: Sequence[str] | None = None, compute_dtype: str | torch.dtype = "auto",
-                  ) -> dict[str, torch.Tensor]:
+                  shared: Sequence[Sequence[str]] = ()) -> dict[str, torch.Tensor]:
     """Singular values of each target's whitened weight (float64, CPU, descending), one shared-input group at a time.
 
-    Only the values are computed (`eigvalsh` of the smaller Gram matrix, `subspace.whitened_svd`).
+    Only the values are computed (`eigvalsh` of the smaller Gram matrix, `subspace.whitened_svd`). Each group of
+    `shared` (layers with one input basis) gets one entry, under its first layer's name: the values of its stacked
+    whitened weights (`subspace.stacked_whitened_svd`); its other layers get none.
     """
     modules = _targets(model, stats, targets)
     decompositions = Decompositions(stats, stats_mode, damping, compute_dtype=compute_dtype)
+    members = {name: list(group) for group in shared for name in group}
     spectra = {}
     for group in decompositions.groups(modules):
         for name in group:
-            spectra[name] = decompositions.spectrum(name, modules[name].weight)
+            if name not in members:
+                spectra[name] = decompositions.spectrum(name, modules[name].weight)
+            elif members[name][0] == name:
+                spectra[name] = decompositions.group_spectrum(
+                    members[name], [modules[member].weight for member in members[name]])
         decompositions.release(group)
-    return {name: spectra[name] for name in modules}
+    return {name: spectra[name] for name in modules if name in spectra}
 
 
 def _targets(model: nn.Module, stats, targets: Sequence[str] | None) -> dict[str, nn.Linear]:
@@ -128,13 +145,19 @@ def _linears(model: nn.Module, names, what: str) -> dict[str, nn.Linear]:
     return {name: modules[name] for name in names}
 
 
-def _check_spectra(spectra: Mapping[str, torch.Tensor], modules: Mapping[str, nn.Linear]) -> None:
+def _check_spectra(spectra: Mapping[str, torch.Tensor], modules: Mapping[str, nn.Linear],
+                   shared: Mapping[str, list[str]]) -> None:
     for name, values in spectra.items():
-        size = min(modules[name].in_features, modules[name].out_features)
+        group = shared.get(name, [name])
+        if group[0] != name:
+            raise ValueError(f"spectra[{name!r}]: {name!r} shares the input basis of {group[0]!r}, whose entry holds "
+                             f"the group's spectrum; give none for {name!r}")
+        size = min(modules[name].in_features, sum(modules[member].out_features for member in group))
         if not torch.is_tensor(values) or tuple(values.shape) != (size,):
             shape = tuple(values.shape) if torch.is_tensor(values) else type(values).__name__
-            raise ValueError(f"spectra[{name!r}] has shape {shape}; expected ({size},), the min(m, n) singular "
-                             f"values of the layer's whitened weight")
+            what = "layer's whitened weight" if len(group) == 1 else "group's stacked whitened weights"
+            raise ValueError(f"spectra[{name!r}] has shape {shape}; expected ({size},), the singular values of the "
+                             f"{what}")
 
 
 def plan_ranks(
@@ -151,6 +174,7 @@ def plan_ranks(
     spectra: Mapping[str, torch.Tensor] | None = None,
     compute_dtype: str | torch.dtype = "auto",
     nested: bool = False,
+    shared: Sequence[Sequence[str]] = (),
 ) -> RankPlan | list[RankPlan]:
     """Ranks meeting `budget` = deployed / original parameters (a list of budgets -> a list of plans).
 
@@ -163,6 +187,9 @@ def plan_ranks(
     `nested=True`: the plans of a list of budgets nest (module docstring): each smaller budget keeps a subset of the
     largest budget's rank steps. The uniform and energy allocators nest by construction (their ranks grow with one
     knob); for marginal_gain the smaller plans replay the largest plan's steps.
+    `shared`: groups of targets that share one input basis (docs/METHOD.md section 3.3); each group is one unit of
+    the allocation, its rank the same for all its layers, its gains the stacked spectrum (`layer_spectra(shared=)`,
+    or `spectra` under the group's first layer), its cost per rank `n + sum m_i`; a group is dense as a whole.
     """
     check_choice(allocator, ALLOCATORS, "allocator")
     check_choice(stats_mode, STATS_MODES, "stats_mode")
@@ -177,14 +204,20 @@ def plan_ranks(
             if value is None or not 0.0 < float(value) <= 1.0:
                 raise ValueError(f"budget={value!r}: expected a retained-parameter fraction in (0, 1]")
 
+    shared = [list(group) for group in shared if len(group) > 1]
+    groups = {name: group for group in shared for name in group}
+    if len(groups) != sum(len(group) for group in shared):
+        raise ValueError(f"shared={shared}: a layer may be in one shared-basis group only")
     if spectra is None:
-        spectra = layer_spectra(model, stats, stats_mode, damping, targets, compute_dtype)
+        spectra = layer_spectra(model, stats, stats_mode, damping, targets, compute_dtype, shared)
         modules = _targets(model, stats, targets)
     else:
-        modules = _linears(model, spectra, "layers of `spectra`")
-        _check_spectra(spectra, modules)
-    layers = [_Layer(name, modules[name].out_features, modules[name].in_features, modules[name].bias is not None,
-                     spectra[name].to("cpu", torch.float64) ** 2) for name in spectra]
+        modules = _linears(model, [*spectra, *groups], "layers of `spectra` and `shared`")
+        _check_spectra(spectra, modules, groups)
+    missing = [name for name in groups if name not in modules]
+    if missing:
+        raise ValueError(f"shared groups name {missing[:5]}, which are not targets of this plan")
+    layers = [_unit(name, groups.get(name, [name]), modules, spectra[name]) for name in spectra]
     target_params = sum(layer.cost(None) for layer in layers)
     original = count_params(model) if scope == "model" else target_params
     fixed = original - target_params  # parameters outside the targets, unchanged by the plan
@@ -208,12 +241,28 @@ def plan_ranks(
             else:
                 ranks = _ALLOCATE[allocator](layers, fixed, limit, rank_multiple)
         deployed = fixed + sum(layer.cost(ranks[layer.name]) for layer in layers)
-        plans.append(RankPlan(ranks=ranks, params_original=original, params_deployed=deployed,
-                              ratio=deployed / original, budget=None if value is None else float(value),
-                              scope=scope, allocator=allocator, stats_mode=stats_mode, rank_multiple=rank_multiple,
-                              energy=energy, residual={layer.name: layer.residual(ranks[layer.name])
-                                                       for layer in layers}))
+        residual = {layer.name: layer.residual(ranks[layer.name]) for layer in layers}
+        for layer in layers:
+            for member in layer.members[1:]:
+                ranks[member], residual[member] = ranks[layer.name], 0.0
+        plans.append(RankPlan(ranks={name: ranks[name] for name in modules}, params_original=original,
+                              params_deployed=deployed, ratio=deployed / original,
+                              budget=None if value is None else float(value), scope=scope, allocator=allocator,
+                              stats_mode=stats_mode, rank_multiple=rank_multiple, energy=energy,
+                              residual={name: residual[name] for name in modules}, shared=shared or None))
     return plans if isinstance(budget, (list, tuple)) else plans[0]
+
+
+def _unit(name: str, group: list[str], modules: Mapping[str, nn.Linear], values: torch.Tensor) -> _Layer:
+    """The allocation unit of a target, or of the shared-basis group it leads."""
+    gains = values.to("cpu", torch.float64) ** 2
+    module = modules[name]
+    if len(group) == 1:
+        return _Layer(name, module.out_features, module.in_features, module.bias is not None, gains)
+    layers = [modules[member] for member in group]
+    return _Layer(name, sum(layer.out_features for layer in layers), module.in_features, False, gains,
+                  members=tuple(group),
+                  bias_params=sum(layer.out_features for layer in layers if layer.bias is not None))
 
 
 def _marginal_gain(layers: list[_Layer], fixed: int, limit: float, multiple: int) -> dict[str, int | None]:

@@ -50,6 +50,7 @@ from .calibration import (
     to_device,
 )
 from .decompositions import Decompositions
+from .error_aware import check_compensation, sequential_build, target_blocks
 from .factorize import build_layers, install_layers
 from .linalg import COMPUTE_DTYPES, DEFAULT_DAMPING, EIG_METHODS, check_choice
 from .modes import module_modes, restore_modes
@@ -161,6 +162,8 @@ def compress_model(
     nested: bool = False,
     stats_cache: str | os.PathLike | None = None,
     stats_cache_max_bytes: int | str | None = None,
+    share_bases: bool | Sequence[str] = False,
+    compensation: float | None = None,
 ) -> tuple[nn.Module, RankPlan] | list[tuple[nn.Module, RankPlan]]:
     """Compress `model` to `budget` in bounded memory (module docstring) -> `(model, plan)`, the model changed in
     place with the freeze policy of `factorize(freeze=True)`.
@@ -194,9 +197,31 @@ def compress_model(
     calibrates once. `stats_cache_max_bytes` (bytes or a size such as "20GB") bounds the directory, removing the
     least recently used files (`StatsCache`). `jactus_compress_stats["stats_cache"]` counts the hits and misses and
     names the files evicted.
+
+    `share_bases=True` (docs/METHOD.md section 3.3): the targets of each shared-input group (Llama's q/k/v and
+    gate/up) share one input basis `V`: one rank per group, planned from the group's stacked spectrum at its real
+    cost (`n + sum m_i` a rank), each layer with its own `U` and core (`subspace.factorize_group`). A list of layer
+    kinds (the last component of a name, e.g. `["gate_proj", "up_proj"]`) shares among the members of those kinds
+    only (`shared_basis_groups`). Not with `nested`, `build_layer` or `stats_mode="none"` (no groups are known
+    without calibration).
+
+    `compensation` (None: one-shot): error-aware compression (`core.error_aware`, docs/METHOD.md section 12.1). The
+    spectra and the plan come from the one-shot pass as usual; then the layers are built block by block from the
+    inputs the compressed blocks before them produce, fitting `lam W x + (1 - lam) W x'` from `x'` with `lam =
+    compensation`. It keeps the gradient covariances of every target until its block is built, so the statistics
+    must fit one pass (`max_stats_bytes`); not with `nested` or `build_layer`.
     """
     single = not isinstance(budget, (list, tuple))
     budgets = [budget] if single else list(budget)
+    compensation = check_compensation(compensation)
+    if compensation is not None and (nested or build_layer is not None or stats_mode == "none"):
+        what = "nested=True" if nested else "a build_layer" if build_layer is not None else "stats_mode='none'"
+        raise ValueError(f"compensation={compensation} (error-aware compression) does not combine with {what}: it "
+                         f"refits JACTUS's own layers from calibrated inputs")
+    if share_bases and (nested or build_layer is not None or stats_mode == "none"):
+        what = "nested=True" if nested else "a build_layer" if build_layer is not None else "stats_mode='none'"
+        raise ValueError(f"share_bases=True does not combine with {what}: shared input bases are JACTUS's own "
+                         f"layers, planned from calibrated groups")
     _check_arguments(model, budgets, allocator, scope, rank_multiple, rho, weight_basis, stats_mode, damping,
                      energy, stats_dtype, compute_dtype, eig_method, head_names)
     cache_bound = parse_bytes(stats_cache_max_bytes, "stats_cache_max_bytes")
@@ -223,7 +248,18 @@ def compress_model(
         digests = (model_digest(model), batches_digest(batches)) if cache is not None else None
         groups = (first_batch_input_groups(model, modules, batches, loss_fn, device) if need_stats
                   else [[n] for n in modules])
+    shared = shared_basis_groups(groups, share_bases)
+    leader_of = {group[0]: group for group in shared}
+    in_shared = {name for group in shared for name in group}
     passes = split_passes(groups, modules, need_gradients, max_stats_bytes if need_stats else None, stats_dtype)
+    if compensation is not None and len(passes) > 1:
+        raise ValueError(f"compensation={compensation} (error-aware compression) keeps every target's gradient "
+                         f"covariance until its block is rebuilt, so the statistics must fit one pass; "
+                         f"max_stats_bytes={max_stats_bytes} splits them into {len(passes)} (they need "
+                         f"{sum(stats_bytes(g, modules, need_gradients, stats_dtype) for g in groups)} bytes): raise "
+                         f"it or set it to null")
+    if compensation is not None:
+        target_blocks(model, modules)  # every target in a block, before the expensive pass
     pass_bytes = [sum(stats_bytes(group, modules, need_gradients, stats_dtype) for group in pass_groups)
                   if need_stats else 0 for pass_groups in passes]
 
@@ -260,8 +296,13 @@ def compress_model(
         with clock("phase1_spectra"):
             for group in pass_groups:
                 for name in group:
-                    spectra[name] = decompositions.spectrum(name, modules[name].weight,
-                                                            keep=kept and weight_basis == "whitened")
+                    if name in leader_of:
+                        spectra[name] = decompositions.group_spectrum(
+                            leader_of[name], [modules[member].weight for member in leader_of[name]],
+                            keep=kept and weight_basis == "whitened")
+                    elif name not in in_shared:
+                        spectra[name] = decompositions.spectrum(name, modules[name].weight,
+                                                                keep=kept and weight_basis == "whitened")
                     bar.update()
                 decompositions.release(group, keep_svd=True)
         if not kept:
@@ -272,7 +313,8 @@ def compress_model(
     with clock("plan"):
         plans = plan_ranks(model, None, budgets if budgets != [None] else None, allocator=allocator, scope=scope,
                            rank_multiple=rank_multiple, stats_mode=stats_mode, damping=damping, energy=energy,
-                           spectra={name: spectra[name] for name in modules}, nested=nested)
+                           spectra={name: spectra[name] for name in modules if name in spectra}, nested=nested,
+                           shared=shared)
         plans = plans if isinstance(plans, list) else [plans]
         if distributed():  # rank 0 decides: a floating-point tie broken differently must not change a layer's shape
             plans = [RankPlan.from_dict(entry) for entry in broadcast_object([plan.to_dict() for plan in plans])]
@@ -280,8 +322,30 @@ def compress_model(
     rank_maps = [nested_rank_map(plans)] if nested else [plan.ranks for plan in plans]
 
     built: list[dict[str, nn.Module]] = [{} for _ in rank_maps]
-    bar = progress_bar(total=len(modules), desc="compress 2/2 (factorize)", disable=not progress)
-    for step, index in enumerate([len(passes) - 1, *range(len(passes) - 1)]):
+
+    def broadcast_layers(new: Mapping[str, nn.Module]) -> None:
+        if distributed():  # identical values on every rank, whatever floating point did per rank
+            for layer in new.values():
+                for tensor in itertools.chain(layer.parameters(), layer.buffers()):
+                    broadcast(tensor.data)
+
+    if compensation is not None:  # error-aware: block by block from the compressed prefix (core.error_aware)
+        stats = decompositions.stats
+        grad_covs = {name: None if stats is None else stats.layers[name].grad_cov for name in modules}
+        fallbacks += decompositions.fp64_fallbacks
+        del decompositions, stats  # the dense input statistics are not needed: each block measures its own
+        with clock("phase2_error_aware"):
+            for layers, ranks in zip(built, rank_maps, strict=True):
+                layers.update(sequential_build(
+                    model, batches, loss_fn, modules, ranks, grad_covs, groups, compensation, stats_mode=stats_mode,
+                    damping=damping, rho=rho, weight_basis=weight_basis, shared=shared, mask_key=mask_key,
+                    device=device, offload_to_cpu=offload_to_cpu, compute_dtype=compute_dtype, eig_method=eig_method,
+                    stats_dtype=stats_dtype, progress=progress, on_layers=broadcast_layers))
+        del grad_covs
+    passes_to_build = [] if compensation is not None else [len(passes) - 1, *range(len(passes) - 1)]
+    bar = progress_bar(total=len(modules), desc="compress 2/2 (factorize)",
+                       disable=not progress or compensation is not None)
+    for step, index in enumerate(passes_to_build):
         bar.set_postfix_str(f"pass {step + 1}/{len(passes)}")
         if step > 0:
             with clock("phase2_calibrate"):
@@ -298,12 +362,10 @@ def compress_model(
             for layers, new in zip(built, build_layers(decompositions, linears, rank_maps, rho,
                                                        weight_basis, release=done,
                                                        park_on_cpu=offload_to_cpu or park_layers_on_cpu,
-                                                       progress=False, builder=build_layer, nested=nested),
+                                                       progress=False, builder=build_layer, nested=nested,
+                                                       shared=shared),
                                   strict=True):
-                if distributed():  # identical values on every rank, whatever floating point did per rank
-                    for layer in new.values():
-                        for tensor in itertools.chain(layer.parameters(), layer.buffers()):
-                            broadcast(tensor.data)
+                broadcast_layers(new)
                 layers.update(new)
         fallbacks += decompositions.fp64_fallbacks
         del decompositions, done
@@ -329,6 +391,19 @@ def compress_model(
     for target, _ in results:
         target.jactus_compress_stats = info
     return results[0] if single else results
+
+
+def shared_basis_groups(groups: Sequence[Sequence[str]], share_bases: bool | Sequence[str]) -> list[list[str]]:
+    """The groups of layers that will share an input basis: each shared-input group of two or more (`True`), or
+    its members whose kind (the last component of the name) is listed, where two or more are (`["gate_proj",
+    "up_proj"]`); none for `False`."""
+    if share_bases is False or share_bases is None:
+        return []
+    if share_bases is True:
+        return [list(group) for group in groups if len(group) > 1]
+    kinds = set(share_bases)
+    picked = [[name for name in group if name.rsplit(".", 1)[-1] in kinds] for group in groups]
+    return [group for group in picked if len(group) > 1]
 
 
 def nested_rank_map(plans: Sequence[RankPlan]) -> dict[str, int | None]:

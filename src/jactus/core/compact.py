@@ -9,7 +9,8 @@ A compact directory holds
   (the non-zeros, row-major) and `<layer>.weight_bitmask` (one bit an entry, uint8, least significant bit first),
   and a sparse correction's flat positions are stored as int32 where they fit (both listed in the metadata and
   decoded by `load_compact`), so the file's bytes are what the budget in bytes counts (docs/METHOD.md section 5);
-- `rank_map.json`: layer -> rank (low-rank layers) or null (targets kept dense);
+- `rank_map.json`: layer -> rank (low-rank layers) or null (targets kept dense); layers that share one input basis
+  (docs/METHOD.md section 3.3) share one `down`, stored once (the others are aliases of it);
 - `arch.json`: how to rebuild the backbone without its weights: `{"library": "timm", "name", "kwargs"}` or
   `{"library": "transformers", "config": config.to_dict(), "class": ...}`;
 - `generation_config.json` (a model that has a generation config): its own generation settings (sampling defaults,
@@ -119,11 +120,13 @@ def deployed_tensors(model: nn.Module, encode: bool = True) -> tuple[dict[str, t
     tensors: dict[str, torch.Tensor] = {}
     non_persistent: set[str] = set()
     folded_prefixes = []
+    downs: dict[int, nn.Linear] = {}  # layers that share one input basis fold to one `down` (stored once)
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, FactorizedLinear):
             prefix = f"{name}." if name else ""
             folded_prefixes.append(prefix)
-            deployed = module.fold()
+            deployed = module.fold(downs.get(id(module.V)))
+            downs.setdefault(id(module.V), deployed.down)
             for key, value in deployed.state_dict().items():
                 tensors[prefix + key] = value
     for name, value in model.named_parameters(remove_duplicate=False):
@@ -220,6 +223,17 @@ def save_compact(model: nn.Module, path: str | Path, arch: Mapping | None = None
     return path
 
 
+def shared_groups(aliases: Mapping[str, str]) -> list[list[str]]:
+    """The layers that share one input basis, from a compact file's aliases (`<member>.down.weight` -> the first
+    member's): each group, first member first."""
+    groups: dict[str, list[str]] = {}
+    suffix = ".down.weight"
+    for alias, name in aliases.items():
+        if alias.endswith(suffix) and name.endswith(suffix):
+            groups.setdefault(name.removesuffix(suffix), [name.removesuffix(suffix)]).append(alias.removesuffix(suffix))
+    return list(groups.values())
+
+
 def build_architecture(arch: Mapping) -> nn.Module:
     """The backbone described by `arch`, built on the meta device (no weights read, no hub access)."""
     with torch.device("meta"):
@@ -275,7 +289,7 @@ def load_compact(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
         tensors[alias] = tensors[name]
 
     model = build_architecture(arch)
-    apply_rank_map(model, rank_map, LowRankLinear)
+    apply_rank_map(model, rank_map, LowRankLinear, shared=shared_groups(aliases))
     attach_sparse_structure(model, {name[: -len(".sparse.values")]: tensor.numel() for name, tensor in tensors.items()
                                     if name.endswith(".sparse.values")}, device=device)
     state = {name: tensor for name, tensor in tensors.items() if name not in non_persistent}

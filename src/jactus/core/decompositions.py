@@ -24,12 +24,15 @@ from .subspace import (
     CovarianceSide,
     Metric,
     WhitenedSVD,
+    factorize_group,
     factorize_layer,
     layer_metric,
+    stacked_whitened_svd,
     whitened_svd,
 )
 
 logger = logging.getLogger(__name__)
+_SHARED = "#shared"  # the key suffix of a shared-basis group's stacked SVD (kept under its first layer)
 
 
 class Decompositions:
@@ -107,6 +110,31 @@ class Decompositions:
 
         return self._checked(name, weight, compute)
 
+    def group_spectrum(self, names: list[str], weights: list[torch.Tensor], keep: bool = False) -> torch.Tensor:
+        """Singular values of the stacked whitened weights of layers that share an input basis (float64, CPU,
+        descending; `subspace.stacked_whitened_svd`); `keep=True` keeps the vectors for `factorize_group`, under the
+        first layer's name."""
+        def compute(dtype: torch.dtype) -> torch.Tensor:
+            metrics = [self.metric(name, weight, dtype) for name, weight in zip(names, weights, strict=False)]
+            svd = stacked_whitened_svd(weights, metrics, names[0], vectors=keep)
+            if keep:
+                self._svds[names[0] + _SHARED] = svd
+            return svd.values
+
+        return self._checked(names[0], weights[0], compute).to("cpu", torch.float64)
+
+    def factorize_group(self, names: list[str], weights: list[torch.Tensor], rank: int, rho: float = 0.25,
+                        weight_basis: str = "whitened"):
+        """`(V, [(U_i, C_i), ...])` of layers that share an input basis, at `rank` (`subspace.factorize_group`)."""
+        def compute(dtype: torch.dtype):
+            svd = self._svds.get(names[0] + _SHARED)
+            if svd is not None and svd.values.dtype != dtype:
+                svd = None
+            metrics = [self.metric(name, weight, dtype) for name, weight in zip(names, weights, strict=False)]
+            return factorize_group(weights, metrics, rank, rho, weight_basis, names[0], svd, self.eig_method)
+
+        return self._checked(names[0], weights[0], compute)
+
     def release(self, names: Iterable[str], keep_svd: bool = False) -> None:
         """Forget what was kept for these layers (and their input sides); a later request recomputes it."""
         names = set(names)
@@ -114,7 +142,7 @@ class Decompositions:
         self._metrics = {key: value for key, value in self._metrics.items() if key[0] not in names}
         self._input_sides = {key: value for key, value in self._input_sides.items() if key[0] not in leaders}
         if not keep_svd:
-            self._svds = {name: svd for name, svd in self._svds.items() if name not in names}
+            self._svds = {key: svd for key, svd in self._svds.items() if key.removesuffix(_SHARED) not in names}
 
     def _checked(self, name: str, weight: torch.Tensor, compute: Callable[[torch.dtype], object]):
         """`compute(dtype)` in the compute dtype; a float32 failure (Cholesky, non-finite output) redone in float64."""

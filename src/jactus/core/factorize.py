@@ -78,6 +78,7 @@ def build_layers(
     desc: str = "factorize",
     builder: Callable[[Decompositions, str, nn.Linear, int], nn.Module] | None = None,
     nested: bool = False,
+    shared: Sequence[Sequence[str]] = (),
 ) -> list[dict[str, nn.Module]]:
     """The `FactorizedLinear` of each linear with an int rank, for each rank map (one decomposition per layer serves
     them all); the model is not changed. Goes one shared-input group at a time, releasing the group's decompositions
@@ -86,14 +87,24 @@ def build_layers(
     `builder(decompositions, name, linear, rank)`, when given, builds each layer instead (another compressed layer
     from the same decompositions, e.g. TuneComp's two-branch layer). `nested`: the default layers get nested bases
     (`union_subspace(nested=True)`: truncating them gives every smaller rank's factorization; docs/METHOD.md
-    section 11).
+    section 11). `shared`: groups of layers that read one input and share one input basis `V` (to which the rank
+    maps give one rank; `subspace.factorize_group`, docs/METHOD.md section 3.3); not with `builder` or `nested`.
     """
     check_choice(weight_basis, WEIGHT_BASES, "weight_basis")
+    if shared and (builder is not None or nested):
+        raise ValueError("shared input bases build JACTUS's own layers, not nested bases or another builder's layers")
+    sharing = {name: list(group) for group in shared for name in group}
     built: list[dict[str, FactorizedLinear]] = [{} for _ in rank_maps]
 
     bar = progress_bar(total=len(linears), desc=desc, disable=not progress, leave=False)
     for group in decompositions.groups(linears):
         for name in group:
+            if name in sharing:
+                if sharing[name][0] == name:
+                    _build_shared(decompositions, sharing[name], linears, rank_maps, built, rho, weight_basis,
+                                  park_on_cpu)
+                bar.update()
+                continue
             linear = linears[name]
             for layers, ranks in zip(built, rank_maps, strict=True):
                 if ranks.get(name) is None:
@@ -113,12 +124,49 @@ def build_layers(
     return built
 
 
+def _build_shared(decompositions: Decompositions, group: list[str], linears: Mapping[str, nn.Linear],
+                  rank_maps: Sequence[Mapping[str, int | None]], built: list[dict], rho: float, weight_basis: str,
+                  park_on_cpu: bool) -> None:
+    for layers, ranks in zip(built, rank_maps, strict=True):
+        group_ranks = {ranks.get(name) for name in group}
+        if len(group_ranks) != 1:
+            raise ValueError(f"layers {group} share an input basis but the rank map gives them "
+                             f"{[ranks.get(name) for name in group]}; expected one rank (or all dense)")
+        rank = group_ranks.pop()
+        if rank is not None:
+            with torch.no_grad():
+                new = _shared_layers(decompositions, group, linears, rank, rho, weight_basis)
+            layers.update({name: layer.to("cpu") if park_on_cpu else layer for name, layer in new.items()})
+
+
 def _factorized_layer(decompositions: Decompositions, name: str, linear: nn.Linear, rank: int, rho: float,
                       weight_basis: str, nested: bool = False) -> FactorizedLinear:
     U, core, V = decompositions.factorize_layer(name, linear.weight, rank, rho, weight_basis, nested)
     dtype = linear.weight.dtype
     bias = None if linear.bias is None else linear.bias.detach().to(trainable_dtype(dtype), copy=True)
     return FactorizedLinear(U.to(dtype), core.to(trainable_dtype(dtype)), V.to(dtype), bias)
+
+
+def _shared_layers(decompositions: Decompositions, group: list[str], linears: Mapping[str, nn.Linear], rank: int,
+                   rho: float, weight_basis: str) -> dict[str, FactorizedLinear]:
+    """The group's `FactorizedLinear`s on one input basis: one `V` Parameter held by every member."""
+    weights = [linears[name].weight for name in group]
+    V, factors = decompositions.factorize_group(group, weights, rank, rho, weight_basis)
+    dtype = weights[0].dtype
+    layers = {}
+    for name, (U, core) in zip(group, factors, strict=True):
+        linear = linears[name]
+        bias = None if linear.bias is None else linear.bias.detach().to(trainable_dtype(dtype), copy=True)
+        layers[name] = FactorizedLinear(U.to(dtype), core.to(trainable_dtype(dtype)), V.to(dtype), bias)
+    tie_shared_bases_of(list(layers.values()))
+    return layers
+
+
+def tie_shared_bases_of(layers: Sequence[FactorizedLinear]) -> None:
+    """The first layer's `V` Parameter becomes every other layer's (their `V`s hold the same values)."""
+    for layer in layers:
+        layer.V = layers[0].V
+        layer.shared_members = len(layers)
 
 
 def install_layers(
@@ -141,10 +189,14 @@ def install_layers(
 
 
 def fold_factorized(model: nn.Module) -> nn.Module:
-    """Replace every `FactorizedLinear` by its deployed `LowRankLinear` (the core folded into the left factor)."""
+    """Replace every `FactorizedLinear` by its deployed `LowRankLinear` (the core folded into the left factor);
+    layers that share one `V` share one `down`."""
+    downs: dict[int, nn.Linear] = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, FactorizedLinear):
-            model.set_submodule(name, module.fold())
+            folded = module.fold(downs.get(id(module.V)))
+            downs.setdefault(id(module.V), folded.down)
+            model.set_submodule(name, folded)
     return model
 
 
@@ -167,12 +219,14 @@ def apply_rank_map(
     model: nn.Module,
     rank_map: Mapping[str, int | None],
     layer_cls: type[nn.Module] | str = FactorizedLinear,
+    shared: Sequence[Sequence[str]] = (),
 ) -> nn.Module:
     """Structure only: each `nn.Linear` with an int rank becomes an empty (zero) `layer_cls` of that rank.
 
     `layer_cls`: `FactorizedLinear` / `"factorized"` (training form, to resume a checkpoint) or `LowRankLinear` /
     `"lowrank"` (deployed form, to load a compact file). New layers live on the linear's device and dtype (the meta
     device included). A layer already of `layer_cls` with the same rank is left alone. `None` entries stay dense.
+    `shared`: groups of layers with one input basis (`tie_shared_bases`); their rank may reach the input width.
     """
     if isinstance(layer_cls, str):
         if layer_cls not in LAYER_KINDS:
@@ -182,6 +236,7 @@ def apply_rank_map(
         raise ValueError(f"layer_cls={layer_cls!r}: expected FactorizedLinear or LowRankLinear")
     modules = dict(model.named_modules())
     _check_names(rank_map, modules, (nn.Linear, layer_cls))
+    wide = {name for group in shared for name in group}
     for name, rank in rank_map.items():
         module = modules[name]
         if rank is None:
@@ -193,9 +248,9 @@ def apply_rank_map(
                 raise ValueError(f"{name!r} already has rank {module.rank}, the rank map asks for {rank}")
             continue
         weight = module.weight
-        if rank > min(module.in_features, module.out_features):
-            raise ValueError(f"rank {rank} of {name!r} exceeds min(in, out) = "
-                             f"{min(module.in_features, module.out_features)}")
+        limit = module.in_features if name in wide else min(module.in_features, module.out_features)
+        if rank > limit:
+            raise ValueError(f"rank {rank} of {name!r} exceeds {'in' if name in wide else 'min(in, out)'} = {limit}")
         kwargs = {"bias": module.bias is not None, "device": weight.device, "dtype": weight.dtype}
         if layer_cls is FactorizedLinear:
             layer = FactorizedLinear.empty(module.in_features, module.out_features, rank, **kwargs)
@@ -206,5 +261,27 @@ def apply_rank_map(
                     for param in layer.parameters():
                         param.zero_()
         _set_module(model, name, layer)
+    tie_shared_bases(model, shared)
     model.jactus_rank_map = {**getattr(model, "jactus_rank_map", {}), **dict(rank_map)}
     return model
+
+
+def tie_shared_bases(model: nn.Module, groups: Sequence[Sequence[str]]) -> None:
+    """Make each group's layers hold one input basis: the first layer's `V` (`FactorizedLinear`) or `down`
+    (`LowRankLinear`) becomes every other member's."""
+    for group in groups:
+        layers = [model.get_submodule(name) for name in group]
+        kinds = {type(layer) for layer in layers}
+        if len(kinds) != 1 or not kinds <= {FactorizedLinear, LowRankLinear} or len(
+                {(layer.in_features, layer.rank) for layer in layers}) != 1:
+            found = [f"{name}: {type(layer).__name__} in {layer.in_features}, rank {getattr(layer, 'rank', None)}"
+                     for name, layer in zip(group, layers, strict=True)]
+            raise ValueError(f"shared input basis {list(group)}: expected low-rank layers of one kind with one input "
+                             f"width and rank; found {found}")
+        for layer in layers[1:]:
+            if isinstance(layer, FactorizedLinear):
+                layer.V = layers[0].V
+            else:
+                layer.down = layers[0].down
+        for layer in layers:
+            layer.shared_members = len(layers)

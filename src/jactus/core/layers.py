@@ -12,14 +12,54 @@ stay in `state_dict`, follow `.to(dtype)`, and are skipped by any optimizer buil
 from __future__ import annotations
 
 import copy
+import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+# id(basis) -> (the basis, its last input (both weak), that input's version, grad mode, the projection, members still
+# to take it): held beside the model, so nothing here travels with a copy or a pickle of it, and dropped with the basis
+_PROJECTIONS: dict[int, tuple] = {}
+
+
+def project_once(weight: torch.Tensor, members: int, x: torch.Tensor,
+                 project: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`project(x)`, computed once for the `members` layers that share `weight` as their input basis (a `V`, or a
+    deployed `down.weight`; `members < 2`: not shared, computed).
+
+    The first member to see an input projects it and leaves the result beside the basis for the others; each later
+    member given the very same tensor (same object, unmodified, same grad mode) takes it, and the last one clears it.
+    An input seen by fewer members (another order, a different tensor) is projected again: the result is always
+    `project(x)`.
+    """
+    if members < 2:
+        return project(x)
+    version = -1 if x.is_inference() else x._version
+    grad = torch.is_grad_enabled()
+    key = id(weight)
+    cached = _PROJECTIONS.get(key)
+    if cached is not None:
+        owner, ref, seen_version, seen_grad, h, left = cached
+        if owner() is weight and ref() is x and seen_version == version and seen_grad == grad:
+            if left > 1:
+                _PROJECTIONS[key] = (owner, ref, version, grad, h, left - 1)
+            else:
+                del _PROJECTIONS[key]
+            return h
+    h = project(x)
+    if cached is None:
+        weakref.finalize(weight, _PROJECTIONS.pop, key, None)  # the entry goes with the basis
+    _PROJECTIONS[key] = (weakref.ref(weight), weakref.ref(x), version, grad, h, members - 1)
+    return h
+
 
 class FactorizedLinear(nn.Module):
     """`y = U (C (V^T x)) + b`; only `C` and `bias` train.
+
+    `V` may be one `nn.Parameter` shared by layers that read the same input (`share_bases`, docs/METHOD.md section 3.3);
+    then it can be wider than the layer's output, and `U` (m x q) and `C` (q x r) have q = min(r, m) columns.
 
     Forward path: per token `U (C (V^T x))` costs `(m + n) r + r^2`; forming `U C` once per call costs `m r^2` and
     leaves `(m + n) r` per token. So `U C` is formed when the call carries more tokens than `m` (`tokens * r^2 >
@@ -33,9 +73,10 @@ class FactorizedLinear(nn.Module):
 
     def __init__(self, U: torch.Tensor, C: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        if U.dim() != 2 or V.dim() != 2 or C.shape != (U.shape[1], V.shape[1]) or U.shape[1] != V.shape[1]:
-            raise ValueError(f"FactorizedLinear expects U [m, r], C [r, r], V [n, r]; got U {tuple(U.shape)}, "
-                             f"C {tuple(C.shape)}, V {tuple(V.shape)}")
+        if U.dim() != 2 or V.dim() != 2 or C.shape != (U.shape[1], V.shape[1]) or U.shape[1] > V.shape[1]:
+            raise ValueError(f"FactorizedLinear expects U [m, q], C [q, r], V [n, r] with q <= r (q = r but where a "
+                             f"shared input basis is wider than m); got U {tuple(U.shape)}, C {tuple(C.shape)}, "
+                             f"V {tuple(V.shape)}")
         if bias is not None and bias.shape != (U.shape[0],):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({U.shape[0]},)")
         self.U = nn.Parameter(U.contiguous(), requires_grad=False)  # FSDP2 shards only contiguous parameters
@@ -43,6 +84,7 @@ class FactorizedLinear(nn.Module):
         self.V = nn.Parameter(V.contiguous(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias)
         self.sparse: nn.Module | None = None  # an optional sparse correction S x (core.sparse.SparseDelta)
+        self.shared_members = 1  # layers holding this `V` (core.factorize.tie_shared_bases): they project x once
         self.core_dropout = 0.0
         # the core at the anchor of core dropout; not in the state dict (a resumed run anchors at the resumed core)
         self.register_buffer("C0", None, persistent=False)
@@ -59,7 +101,8 @@ class FactorizedLinear(nn.Module):
     def empty(cls, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
         """Zero factors of the right shapes: structure to load a checkpoint into."""
         kw = {"device": device, "dtype": dtype}
-        return cls(torch.zeros(out_features, rank, **kw), torch.zeros(rank, rank, **kw),
+        left = min(rank, out_features)  # a shared input basis may be wider than the layer's output
+        return cls(torch.zeros(out_features, left, **kw), torch.zeros(left, rank, **kw),
                    torch.zeros(in_features, rank, **kw), torch.zeros(out_features, **kw) if bias else None)
 
     @property
@@ -72,7 +115,8 @@ class FactorizedLinear(nn.Module):
 
     @property
     def rank(self) -> int:
-        return self.C.shape[0]
+        """The width of `V^T x`: the deployed form's rank."""
+        return self.V.shape[1]
 
     def core_parameters(self) -> list[nn.Parameter]:
         """The core: the optimizer keeps it out of weight decay (a zero core is a layer with zero output, not the
@@ -82,7 +126,7 @@ class FactorizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The core and bias may be fp32 on bf16 factors (core.precision); under autocast the casts below are what
         # autocast does anyway, without it they keep one dtype per product.
-        h = torch.matmul(x, self.V)  # V^T x per token: [..., r]
+        h = project_once(self.V, self.shared_members, x, lambda inputs: torch.matmul(inputs, self.V))  # V^T x: [..., r]
         core = self.C.to(self.U.dtype)
         bias = None if self.bias is None else self.bias.to(self.U.dtype)
         if self.training and self.C0 is not None:  # core dropout: two r x r products per token, then U
@@ -96,12 +140,19 @@ class FactorizedLinear(nn.Module):
         return y if self.sparse is None else y + self.sparse(x).to(y.dtype)
 
     @torch.no_grad()
-    def fold(self) -> LowRankLinear:
+    def fold(self, down: nn.Linear | None = None) -> LowRankLinear:
         """The deployed form in the factors' dtype: `down.weight = V^T`, `up.weight = U C` (formed in at least fp32),
-        `up.bias = bias`."""
+        `up.bias = bias`. `down`: the folded `down` of a layer with the same `V` (a shared input basis), used as is."""
         layer = LowRankLinear(self.in_features, self.out_features, self.rank, bias=self.bias is not None,
                               device=self.U.device, dtype=self.U.dtype)
-        layer.down.weight.copy_(self.V.T)
+        if down is not None:
+            if down.weight.shape != (self.rank, self.in_features):
+                raise ValueError(f"shared down projection {tuple(down.weight.shape)}: expected "
+                                 f"({self.rank}, {self.in_features})")
+            layer.down = down
+        else:
+            layer.down.weight.copy_(self.V.T)
+        layer.shared_members = self.shared_members
         dtype = torch.promote_types(self.U.dtype, torch.float32)
         layer.up.weight.copy_(self.U.to(dtype) @ self.C.to(dtype))
         if self.bias is not None:
@@ -123,6 +174,7 @@ class LowRankLinear(nn.Module):
         self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
         self.sparse: nn.Module | None = None  # an optional sparse correction S x (core.sparse.SparseDelta)
+        self.shared_members = 1  # layers holding this `down` (core.factorize.tie_shared_bases): they project x once
 
     @property
     def in_features(self) -> int:
@@ -137,5 +189,5 @@ class LowRankLinear(nn.Module):
         return self.down.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.up(self.down(x))
+        y = self.up(project_once(self.down.weight, self.shared_members, x, self.down))
         return y if self.sparse is None else y + self.sparse(x).to(y.dtype)

@@ -29,8 +29,10 @@ def dense_rank_limit(in_features: int, out_features: int) -> int:
 
 
 def deployed_params(model: nn.Module) -> int:
-    """Parameters of the deployed model: each `FactorizedLinear` counts `(m + n) r + bias` (its core folded into `U`)."""
+    """Parameters of the deployed model: each `FactorizedLinear` counts `m r + bias` beside its `V` (n r, counted once
+    where layers share it): its core folded into `U`."""
     from .layers import FactorizedLinear
 
-    core_params = sum(module.C.numel() for module in model.modules() if isinstance(module, FactorizedLinear))
-    return count_params(model) - core_params
+    layers = [module for module in model.modules() if isinstance(module, FactorizedLinear)]
+    return count_params(model) - sum(layer.U.numel() + layer.C.numel() - layer.out_features * layer.rank
+                                     for layer in layers)

@@ -313,3 +313,102 @@ def factorize_layer(weight: torch.Tensor, metric: Metric, rank: int, rho: float 
     core = projected_core(weight, U, V, metric)
     check_finite(core, "projected core", layer)
     return U, core, V
+
+
+# Shared input bases (docs/METHOD.md section 3.3): layers that read one input (q/k/v, gate/up) keep one `V`.
+
+
+def stacked_whitened_svd(weights: list[torch.Tensor], metrics: list[Metric], layer: str = "?",
+                         vectors: bool = True) -> WhitenedSVD:
+    """Thin SVD of the stacked whitened weights `M = [Lg_1^T W_1 Lx; ...; Lg_k^T W_k Lx]` of layers that read one
+    input (one input side `Lx`, each layer its own gradient side): `s_j^2` is what the K-FAC proxy of the group loses
+    without rank j of a shared `V`. From the n x n Gram matrix `Lx^T (sum_i W_i^T Sg_i W_i) Lx` when n <= sum m_i
+    (side "input", `gram_vectors` = `V_M`), else from `M M^T` (side "output", `gram_vectors` = `U_M`, stacked)."""
+    dtype = metrics[0].dtype
+    Ws = [weight.detach().to(dtype) for weight in weights]
+    n = Ws[0].shape[1]
+    if any(W.shape[1] != n for W in Ws):
+        raise ValueError(f"group {layer!r}: layers sharing an input basis need one input width, got "
+                         f"{[tuple(W.shape) for W in Ws]}")
+    input_factor = metrics[0].input_factor
+    if n <= sum(W.shape[0] for W in Ws):
+        inner = sum(W.T @ (W if metric.grad is None else metric.grad_cov @ W) for W, metric in zip(Ws, metrics, strict=False))
+        gram, side = inner if input_factor is None else input_factor.T @ inner @ input_factor, "input"
+    else:
+        stacked = torch.cat([W if metric.grad is None else metric.grad_factor.T @ W for W, metric in zip(Ws, metrics, strict=False)])
+        stacked = stacked if input_factor is None else stacked @ input_factor
+        gram, side = stacked @ stacked.T, "output"
+    gram = (gram + gram.T) / 2
+    check_finite(gram, "Gram matrix of the stacked whitened weights", layer)
+    if vectors:
+        eigenvalues, gram_vectors = torch.linalg.eigh(gram)
+        gram_vectors = gram_vectors.flip(-1)
+    else:
+        eigenvalues, gram_vectors = torch.linalg.eigvalsh(gram), None
+    values = eigenvalues.flip(-1).clamp_min(0).sqrt()[: min(n, gram.shape[0])]
+    return WhitenedSVD(values, side, None if gram_vectors is None else gram_vectors[:, : values.numel()])
+
+
+def _shared_input_directions(weights: list[torch.Tensor], metrics: list[Metric], svd: WhitenedSVD) -> torch.Tensor:
+    """The stacked whitened weight's right singular directions in the original space, `Lx^{-T} V_M` (n x k)."""
+    input_factor = metrics[0].input_factor
+    if svd.side == "input":
+        return _unwhiten(svd.gram_vectors, input_factor)
+    # V_M = M^T U_M / s, so Lx^{-T} V_M = (sum_i W_i^T Lg_i U_M,i) / s
+    s = svd.values
+    inverse = 1 / s.clamp_min(max(float(s[0]) * torch.finfo(s.dtype).eps, torch.finfo(s.dtype).tiny))
+    blocks = torch.split(svd.gram_vectors, [weight.shape[0] for weight in weights])
+    right = sum(weight.detach().to(metric.dtype).T @ (block if metric.grad is None else metric.grad_factor @ block)
+                for weight, metric, block in zip(weights, metrics, blocks, strict=False))
+    return right * inverse
+
+
+def _with_task_directions(weight_dirs: torch.Tensor, side: CovarianceSide | None, rank: int, rho: float,
+                          eig_method: str) -> torch.Tensor:
+    """`rank` orthonormal columns: the first `rank - b` weight directions and the side's top-b eigenvectors (b =
+    `task_directions(rank, rho)`; none without the side), dependent ones replaced by the next weight directions."""
+    count = task_directions(rank, rho) if side is not None else 0
+    task = side.top_eigenvectors(count, eig_method) if count else weight_dirs[:, :0]
+    a = rank - count
+    return orthonormal_union(torch.cat([weight_dirs[:, :a], task.to(weight_dirs.dtype), weight_dirs[:, a:]], dim=1),
+                             rank)
+
+
+def factorize_group(weights: list[torch.Tensor], metrics: list[Metric], rank: int, rho: float = 0.25,
+                    weight_basis: str = "whitened", layer: str = "?", svd: WhitenedSVD | None = None,
+                    eig_method: str = "auto") -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """One input basis `V` (n x rank) for layers that read one input, and per layer `(U_i, C_i)` with `U_i` m_i x
+    min(rank, m_i) and `C_i` min(rank, m_i) x rank: layer i is `U_i C_i V^T` (docs/METHOD.md section 3.3).
+
+    `V`: the union of the stacked whitened weights' input directions (`stacked_whitened_svd`, which `svd` may give)
+    with the top-b eigenvectors of the shared Sx. Given `V`, the best `m_i x rank` map in layer i's metric is
+    `B_i = W_i Sx V (V^T Sx V)^{-1}`, whatever Sg_i (the map is unconstrained); `U_i` is the union of `B_i`'s output
+    directions in the Sg_i metric (`B_i Q / s`, from the eigendecomposition of `B_i^T Sg_i B_i`) with Sg_i's top-b
+    eigenvectors, and `C_i` the projected core of `(U_i, V)`. With rho = 0 and rank <= m_i, `U_i C_i = B_i`: each
+    layer is the best it can be on the shared basis. A group whose layers' weights lie in one rank-k input subspace
+    is exact from rank k on."""
+    check_choice(weight_basis, WEIGHT_BASES, "weight_basis")
+    n = weights[0].shape[1]
+    if not 0 < rank <= n:
+        raise ValueError(f"group {layer!r}: rank {rank} outside [1, {n}] for a shared input of width {n}")
+    basis_metrics = metrics if weight_basis == "whitened" else [Metric(dtype=m.dtype) for m in metrics]
+    if svd is None or weight_basis == "plain":
+        svd = stacked_whitened_svd(weights, basis_metrics, layer)
+    V = _with_task_directions(_shared_input_directions(weights, basis_metrics, svd), metrics[0].input, rank, rho,
+                              eig_method)
+    factors = []
+    for weight, metric, basis_metric in zip(weights, metrics, basis_metrics, strict=False):
+        W = weight.detach().to(metric.dtype)
+        SxV = V if basis_metric.input_cov is None else basis_metric.input_cov @ V
+        B = torch.cholesky_solve((W @ SxV).T, torch.linalg.cholesky(V.T @ SxV)).T  # W Sx V (V^T Sx V)^{-1}
+        SgB = B if basis_metric.grad_cov is None else basis_metric.grad_cov @ B
+        gram = B.T @ SgB
+        values, Q = torch.linalg.eigh((gram + gram.T) / 2)
+        s = values.flip(-1).clamp_min(0).sqrt()
+        inverse = 1 / s.clamp_min(max(float(s[0]) * torch.finfo(s.dtype).eps, torch.finfo(s.dtype).tiny))
+        out_dirs = (B @ Q.flip(-1)) * inverse
+        U = _with_task_directions(out_dirs, metric.grad, min(rank, W.shape[0]), rho, eig_method)
+        core = projected_core(weight, U, V, metric)
+        check_finite(core, "projected core", layer)
+        factors.append((U, core))
+    return V, factors

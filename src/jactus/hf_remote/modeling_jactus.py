@@ -70,9 +70,10 @@ class JactusForCausalLM(BaseForCausalLM):
             if not isinstance(linear, nn.Linear):
                 raise ValueError(f"jactus_rank_map names {name!r}, which is {type(linear).__name__} in "
                                  f"{type(self).__name__}, not nn.Linear")
-            if not isinstance(rank, int) or not 1 <= rank <= min(linear.in_features, linear.out_features):
+            # up to the input width: layers that share one input basis may be wider than their output
+            if not isinstance(rank, int) or not 1 <= rank <= linear.in_features:
                 raise ValueError(f"jactus_rank_map gives {name!r} rank {rank!r}; valid: an integer in "
-                                 f"[1, {min(linear.in_features, linear.out_features)}]")
+                                 f"[1, {linear.in_features}]")
             weight = linear.weight
             setattr(parent, leaf, LowRankLinear(linear.in_features, linear.out_features, rank,
                                                 bias=linear.bias is not None, device=weight.device,

@@ -34,7 +34,7 @@ class LowRankMethod(Method):
         """The plan's layer shapes (no calibration); the checkpoint's weights are loaded into them next."""
         self.plan = RankPlan.from_dict(structure["plan"])
         self.head_names = list(structure["head_names"])
-        apply_rank_map(model, self.plan.ranks, layer_cls=self.layer_cls)
+        apply_rank_map(model, self.plan.ranks, layer_cls=self.layer_cls, shared=self.plan.shared or ())
         return self.prepare_rebuilt(model)
 
     def prepare_rebuilt(self, model: nn.Module) -> nn.Module:
