@@ -11,6 +11,7 @@ one H100 under the gpu defaults, computed from issue #6's measured H100 figures 
     python experiments/bench/compress_llama.py --scale gpu --out experiments/bench/out/compress_gpu.json
     python experiments/bench/compress_llama.py --scale cpu     # Llama structure at hidden 256, 4 layers (cpu-scale)
     python experiments/bench/compress_llama.py --scale cpu --max-stats-gb 0.004   # several passes
+    python experiments/bench/compress_llama.py --scale cpu --compensation 1.0     # error-aware, beside one-shot
 """
 
 from __future__ import annotations
@@ -223,6 +224,12 @@ def main(argv=None) -> dict:
                         help="keep built layers on the CPU until the swap; default: on for gpu")
     parser.add_argument("--offload-stats", action="store_true", help="compress_model(offload_to_cpu=True)")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor measurement")
+    parser.add_argument("--compensation", type=float, default=None,
+                        help="error-aware compression with this weight (compress_model's compensation; default: "
+                             "one-shot)")
+    parser.add_argument("--share-bases", nargs="*", default=None, metavar="KIND",
+                        help="layer kinds that share an input basis (e.g. gate_proj up_proj; none given: every "
+                             "shared-input group)")
     args = parser.parse_args(argv)
     common.setup_threads()
     if args.scale != "gpu":
@@ -254,7 +261,8 @@ def main(argv=None) -> dict:
                         model.parameters()), "dtype": shape["dtype"], "calibration": f"{shape['seqs']} seqs x "
                         f"{shape['seq_len']} tokens, batch {shape['batch_size']}", "budget": args.budget,
                         "scope": args.scope, "targets": len(targets), "max_stats_gb": max_stats,
-                        "stats_dtype": stats_dtype, "park_layers": park, "offload_stats": args.offload_stats}
+                        "stats_dtype": stats_dtype, "park_layers": park, "offload_stats": args.offload_stats,
+                        "compensation": args.compensation, "share_bases": args.share_bases}
 
     profile = common.LinalgProfile(device)
     with common.PeakMemory(device) as memory:
@@ -263,7 +271,9 @@ def main(argv=None) -> dict:
             model, plan = compress_model(model, batches, common.lm_loss, args.budget, scope=args.scope,
                                          max_stats_bytes=None if max_stats is None else int(max_stats * 1e9),
                                          stats_dtype=getattr(torch, stats_dtype), offload_to_cpu=args.offload_stats,
-                                         park_layers_on_cpu=park, device=device, progress=False)
+                                         park_layers_on_cpu=park, device=device, progress=False,
+                                         compensation=args.compensation,
+                                         share_bases=False if args.share_bases is None else args.share_bases or True)
         common.synchronize(device)
         wall = time.perf_counter() - start
     info = model.jactus_compress_stats

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..core import BUDGET_ALLOCATORS, SCOPES, LowRankLinear, compress_model, fold_factorized
 from ..core.byte_budget import check_unit
+from ..core.error_aware import check_compensation
 from .base import CalibSettings, MethodContext, check_budget, check_positive, choice, register, set_trainable
 from .low_rank import LowRankMethod
 from .peft_adapters import check_lora_options, is_adapter_parameter, lora_config, merge_adapters
@@ -63,9 +64,11 @@ class CompressThenAdapt(LowRankMethod):
         mask_key: str = "attention_mask",
         calib: Mapping | None = None,
         unit: str = "params",
+        compensation: float | None = None,
     ):
         super().__init__()
         self._budget = check_budget(budget, "compress_then_adapt")
+        self.compensation = check_compensation(compensation, "method.compensation")
         self.unit = check_unit(unit)
         self.compressor = choice(compressor, list(COMPRESSORS), "method.compressor")
         self.allocator = choice(allocator, BUDGET_ALLOCATORS, "allocator")
@@ -100,7 +103,7 @@ class CompressThenAdapt(LowRankMethod):
                                           rank_multiple=self.rank_multiple, rho=0.0, weight_basis="whitened",
                                           stats_mode=self.stats_mode, damping=self.damping, mask_key=self.mask_key,
                                           head_names=self.head_names, device=ctx.device,
-                                          **self.calib.driver_kwargs())
+                                          compensation=self.compensation, **self.calib.driver_kwargs())
         return self._adapt(fold_factorized(model))
 
     def _adapt(self, model: nn.Module) -> nn.Module:

@@ -11,6 +11,7 @@ from torch import nn
 from ..core import ALLOCATORS, SCOPES, STATS_MODES, FactorizedLinear, compress_model, find_targets
 from ..core.byte_budget import SPARSE_POSITION_BYTES, ByteBudget, check_unit
 from ..core.compact import attach_sparse_structure
+from ..core.error_aware import check_compensation
 from ..core.sparse import SparseDelta, sparse_index_bytes, top_support, uniform_nnz, weight_fisher
 from ..core.subspace import WEIGHT_BASES
 from .base import CalibSettings, MethodContext, check_budget, choice, register, train_cores
@@ -45,6 +46,14 @@ class Jactus(LowRankMethod):
     `v_proj` among them) stay dense and would otherwise never adapt to the task; there r16 moved the validation NLL
     by -0.01 (experiments/results/offline_llama/validation, "Item 5"), so it is off by default.
 
+    `share_bases=True` (beyond the paper; docs/METHOD.md section 3.3): targets that read one input (q/k/v, gate/up)
+    share one input basis `V`, each with its own `U` and core; the allocator prices a group's rank at its real cost
+    (`n + sum m_i`), so the same budget buys more rank (`compress_model(share_bases=True)`).
+
+    `compensation` (beyond the paper; default null = one-shot; docs/METHOD.md section 12.1): error-aware compression,
+    each block factorized from the inputs the compressed blocks before it produce, fitting `lam W x + (1 - lam) W x'`
+    from `x'` (`compress_model(compensation=lam)`).
+
     `core_dropout` > 0 (beyond the paper; default 0) regularises the cores as LoRA's dropout regularises its branch:
     in training, each core's change since the first step sees its input `V^T x` through dropout with that
     probability (`FactorizedLinear.anchor_core_dropout`; the start and the deployed model are unchanged). A resumed
@@ -72,9 +81,17 @@ class Jactus(LowRankMethod):
         dense_adapter_alpha: float = 16.0,
         core_dropout: float = 0.0,
         unit: str = "params",
+        share_bases: bool | Sequence[str] = False,
+        compensation: float | None = None,
     ):
         super().__init__()
         self.unit = check_unit(unit)
+        self.compensation = check_compensation(compensation, "method.compensation")
+        if not isinstance(share_bases, bool) and not (isinstance(share_bases, (list, tuple)) and share_bases and all(
+                isinstance(kind, str) and kind for kind in share_bases)):
+            raise ValueError(f"method.share_bases={share_bases!r}: expected true (the layers that read one input share "
+                             f"one input basis), false, or the kinds that share, e.g. [gate_proj, up_proj]")
+        self.share_bases = share_bases if isinstance(share_bases, bool) else list(share_bases)
         if isinstance(core_dropout, bool) or not isinstance(core_dropout, (int, float)) or not 0 <= core_dropout < 1:
             raise ValueError(f"method.core_dropout={core_dropout!r}: expected a dropout probability in [0, 1) on the "
                              f"cores' change (0 = off; e.g. 0.05, LoRA's default)")
@@ -199,7 +216,7 @@ class Jactus(LowRankMethod):
             head_names=ctx.head_names,
             device=ctx.device,
             **self.calib.driver_kwargs(),
-            **options,
+            **{"share_bases": self.share_bases, "compensation": self.compensation, **options},
         )
 
     def structure(self) -> dict | None:
@@ -224,6 +241,8 @@ class Jactus(LowRankMethod):
         if summary and self.sparse_nnz:
             summary["sparse"] = {"share": self.sparse_share, "nnz": sum(self.sparse_nnz.values()),
                                  "layers": len(self.sparse_nnz), "index_bytes_csr_int32": self.sparse_index_bytes}
+        if summary and self.plan is not None and self.plan.shared:
+            summary["shared_bases"] = self.plan.shared
         if summary and self.core_dropout:
             summary["core_dropout"] = self.core_dropout
         if summary and self.dense_adapter_r:
