@@ -102,3 +102,18 @@ def test_jactus_rho_is_set_per_experiment_and_overridable(compose_cfg):
     assert compress["rho"] == 0.0
     assert OmegaConf.to_container(compose_cfg(["jactus_rho=0.25"], config_name="compress").method,
                                   resolve=True)["rho"] == 0.25
+
+
+def test_shared_bases_are_chosen_per_experiment(compose_cfg):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    def share(overrides, config_name="train"):
+        return OmegaConf.to_container(compose_cfg(overrides, config_name=config_name).method, resolve=True)[
+            "share_bases"]
+
+    assert share(["variant=jactus_0.8"]) is False  # the paper's per-layer bases
+    assert share(["variant=jactus_0.8_shared"]) == ["gate_proj", "up_proj"]
+    assert share(["variant=jactus_0.8", "jactus_share_bases=[gate_proj,up_proj]"]) == ["gate_proj", "up_proj"]
+    method = instantiate(compose_cfg(["variant=jactus_0.8_shared"]).method, _convert_="all")
+    assert method.share_bases == ["gate_proj", "up_proj"]
