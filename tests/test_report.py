@@ -440,3 +440,35 @@ def test_gap_labels_of_rows_split_by_several_keys_keep_their_commas():
     assert ref == "jactus@0.8 (method.rho=0, calib.num_samples=512)"
     assert others == ["jactus@0.8 (method.rho=0.25, calib.num_samples=128)", "lora"]
     assert report.parse_gaps("a:b, c") == ("a", ["b", "c"])
+
+
+def test_latency_axis_reads_the_inference_bench_and_maps_each_row_to_what_it_deploys(tmp_path, capsys):
+    from jactus.report.latency import load_latency, row_latency
+
+    root = tmp_path / "lat"
+    _write(root, "lora/s0", method="lora", data="piqa", seed=0, acc=70.0, model="llm")
+    _write(root, "jactus/s0", method="jactus", data="piqa", seed=0, acc=66.0, budget=0.8, ratio=0.8, model="llm")
+    _write(root, "jactus6/s0", method="jactus", data="piqa", seed=0, acc=60.0, budget=0.6, ratio=0.6, model="llm")
+    _write(root, "taco/s0", method="taco", data="piqa", seed=0, acc=68.0, budget=0.8, ratio=0.8, model="llm")
+    _write(root, "cersa/s0", method="cersa", data="piqa", seed=0, acc=61.0, budget=0.7, ratio=0.7, model="llm")
+    bench = {"causal_lm": {"vs_dense": {"dense": {"prefill_b8": 1.0, "decode_b1": 1.0},
+                                        "jactus_0.8": {"prefill_b8": 1.25, "decode_b1": 1.1},
+                                        "jactus_0.6": {"prefill_b8": 1.6, "decode_b1": 1.3},
+                                        "taco_0.8_best": {"prefill_b8": 0.8, "decode_b1": 1.0}}},
+             "vision": {"vs_dense": {"dense": {"images_b8": 1.0}}}}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench))
+    measure, speed = load_latency(path)
+    assert measure == "prefill_b8"
+    assert row_latency("lora", speed) == 100.0 and row_latency("jactus@0.8", speed) == 80.0
+    assert row_latency("taco@0.8", speed) == 125.0  # a TACO row: its fastest format
+    assert row_latency("taco@0.8 (bytes)", speed) is None  # another footing: not what the bench measured
+    assert row_latency("jactus+shared@0.6", speed) == 62.5  # a low-rank row: the factors at its budget
+    assert row_latency("cersa@0.7", speed) is None  # no format measured at 0.7
+    assert report.main([str(root), "--out", str(tmp_path / "out"), "--latency", str(path)]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "acc_vs_latency.png").stat().st_size > 0 and "acc_vs_latency.png" in text
+    assert "No measured format for: cersa@0.7" in text
+    assert report.main([str(root), "--out", str(tmp_path / "bad"), "--latency", str(path),
+                        "--latency-measure", "decode_b8"]) == 1
+    assert "decode_b8" in capsys.readouterr().err and not (tmp_path / "bad").exists()

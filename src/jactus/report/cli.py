@@ -13,6 +13,10 @@ Writes to `--out` (default: the first sweep dir):
   acc_vs_params.png   accuracy against retained parameters (%), one panel per column, one line per method.
   acc_vs_bytes.png    the same against the deployed model's stored bytes (% of the dense model's), where runs record
                       them (summary.json's bytes_ratio).
+  acc_vs_latency.png  with `--latency BENCH_JSON`: the same against the deployed format's measured latency (% of the
+                      dense model's time; `--latency-measure`, default prefill_b8), from experiments/bench/
+                      infer_real.py's side-by-side ratios (`jactus.report.latency` says which format a row deploys
+                      as; rows with none are named in report.md).
   rank_heatmap.png    per-layer ranks of the runs that carry a `rank_map` (grey = kept dense); skipped with a note
                       in report.md when none does.
   gaps.csv            with `--gaps REF:OTHER[,OTHER...]` (repeatable; labels as in the table's rows, e.g.
@@ -60,6 +64,7 @@ from .gaps import (  # noqa: F401
     parse_gaps,
 )
 from .items import counts_markdown
+from .latency import LatencyError, load_latency, row_latency
 from .load import (  # noqa: F401
     AVERAGE,
     BYTES,
@@ -106,14 +111,18 @@ def repeated_seeds(frame: pd.DataFrame) -> list[str]:
 
 
 def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: list[str] = (),
-                 split_by: list[str] = (), resamples: int = 1000, level: float = 0.95) -> Report:
+                 split_by: list[str] = (), resamples: int = 1000, level: float = 0.95,
+                 latency: str | Path | None = None, latency_measure: str | None = None) -> Report:
     """Read the summaries under `dirs` and write report.md, results.csv and the plots to `out`.
 
     `gaps`: "REF:OTHER[,OTHER...]" specs (see the module docstring); they also write gaps.csv. `split_by`: keys whose
     values split a method's row (e.g. ["lr"] for a learning-rate search), labels like "lora (lr=0.001)".
-    `resamples`, `level`: the gaps' paired bootstrap (where the runs wrote per-item results).
+    `resamples`, `level`: the gaps' paired bootstrap (where the runs wrote per-item results). `latency`: a bench JSON
+    of the deployed formats' speed (`report.latency`), which adds acc_vs_latency.png (`latency_measure`: which
+    measure, default prefill_b8 where measured).
     """
     specs = [parse_gaps(spec) for spec in gaps]
+    measured = load_latency(latency, latency_measure) if latency is not None else None
     summaries, unreadable = load_summaries(dirs)
     if not summaries:
         raise FileNotFoundError(f"no summary.json under {', '.join(map(str, _as_paths(dirs)))}")
@@ -127,6 +136,15 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
     files = {"csv": out / "results.csv", "acc_vs_params": plot_acc_vs_params(tables, out / "acc_vs_params.png", metric)}
     if any(ratio is not None for table in tables for ratio in table.bytes_ratio.values()):
         files["acc_vs_bytes"] = plot_acc_vs_params(tables, out / "acc_vs_bytes.png", metric, x="bytes")
+    unmeasured: list[str] = []
+    if measured is not None:
+        measure, speed = measured
+        rows = list(dict.fromkeys(row for table in tables for row in table.rows))
+        by_row = {row: row_latency(row, speed) for row in rows}
+        unmeasured = [row for row, value in by_row.items() if value is None]
+        files["acc_vs_latency"] = plot_acc_vs_params(
+            tables, out / "acc_vs_latency.png", metric, x="latency", latency=by_row,
+            x_label=f"latency, {measure} (% of the dense model's time)")
     frame.to_csv(files["csv"], index=False)
     if gap_tables:
         files["gaps"] = out / "gaps.csv"
@@ -162,6 +180,12 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
     lines += ["## Plots", "", "![accuracy vs retained parameters](acc_vs_params.png)", ""]
     if "acc_vs_bytes" in files:
         lines += ["![accuracy vs deployed bytes](acc_vs_bytes.png)", ""]
+    if "acc_vs_latency" in files:
+        lines += ["![accuracy vs measured latency](acc_vs_latency.png)", "",
+                  f"Latency: `{measured[0]}` from {latency}, the dense model's time over each deployed format's, "
+                  f"measured side by side (adapters deploy merged, as the dense model; other low-rank rows as "
+                  f"JACTUS's factors at their budget)."
+                  + (f" No measured format for: {', '.join(unmeasured)}." if unmeasured else ""), ""]
     if heatmap is not None:
         lines += ["![rank allocation per layer](rank_heatmap.png)", ""]
     else:
@@ -204,7 +228,7 @@ def log_to_wandb(report: Report, project: str = "jactus", name: str | None = Non
         for index, gaps in enumerate(report.gaps):
             payload[f"report/gaps_{index}"] = wandb.Table(dataframe=pd.DataFrame.from_records(gaps.to_records()))
         payload["report/results"] = wandb.Table(dataframe=report.frame.astype(str))
-        for key in ("acc_vs_params", "acc_vs_bytes", "rank_heatmap"):
+        for key in ("acc_vs_params", "acc_vs_bytes", "acc_vs_latency", "rank_heatmap"):
             if key in report.files:
                 payload[f"report/{key}"] = wandb.Image(str(report.files[key]))
         run.log(payload)
@@ -226,13 +250,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split-by", action="append", default=[], metavar="KEY",
                         help="split rows by this run value (summary.json key or .hydra/config.yaml dotted path, e.g. "
                              "lr or optim.lr); repeatable")
+    parser.add_argument("--latency", default=None, metavar="BENCH_JSON",
+                        help="the deployed formats' measured speed (experiments/bench/infer_real.py's JSON): adds "
+                             "acc_vs_latency.png")
+    parser.add_argument("--latency-measure", default=None,
+                        help="which measure of --latency (prefill_b1, prefill_b8, decode_b1, images_b8; default "
+                             "prefill_b8 where measured)")
     parser.add_argument("--wandb", action="store_true", help="log the table and plots to W&B (WANDB_MODE honoured)")
     parser.add_argument("--wandb-project", default="jactus")
     args = parser.parse_args(argv)
     try:
         report = write_report(args.sweep_dirs, args.out or args.sweep_dirs[0], args.metric, args.digits, args.gaps,
-                              args.split_by, args.resamples, args.level)
-    except (FileNotFoundError, GapsError) as err:
+                              args.split_by, args.resamples, args.level, args.latency, args.latency_measure)
+    except (FileNotFoundError, GapsError, LatencyError) as err:
         print(f"jactus-report: {err}", file=sys.stderr)
         return 1
     for index, table in enumerate(report.tables):

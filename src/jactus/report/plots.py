@@ -1,4 +1,4 @@
-"""Figures: accuracy against retained parameters or deployed bytes, and the per-layer rank heatmap."""
+"""Figures: accuracy against retained parameters, deployed bytes or measured latency, and the per-layer rank heatmap."""
 
 from __future__ import annotations
 
@@ -24,14 +24,19 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height))
 
 
-X_AXES = {"params": "retained parameters (%)", "bytes": "deployed bytes (% of the dense model's)"}
+X_AXES = {"params": "retained parameters (%)", "bytes": "deployed bytes (% of the dense model's)",
+          "latency": "latency (% of the dense model's time)"}
 
 
-def plot_acc_vs_params(tables: list[ResultTable], path, metric: str = "test/acc", x: str = "params") -> Path:
-    """One panel per (table, column incl. the average): accuracy against retained parameters (`x="params"`) or the
-    deployed model's stored bytes (`x="bytes"`: rows whose runs record them), a line per method."""
+def plot_acc_vs_params(tables: list[ResultTable], path, metric: str = "test/acc", x: str = "params",
+                       latency: dict[str, float] | None = None, x_label: str | None = None) -> Path:
+    """One panel per (table, column incl. the average): accuracy against retained parameters (`x="params"`), the
+    deployed model's stored bytes (`x="bytes"`: rows whose runs record them) or its measured latency (`x="latency"`:
+    `latency`, row label -> % of the dense model's time), a line per method."""
     if x not in X_AXES:
         raise ValueError(f"x={x!r}: expected one of {list(X_AXES)}")
+    if x == "latency" and latency is None:
+        raise ValueError("x='latency' needs latency= (row label -> % of the dense model's time)")
     import matplotlib
 
     panels = [(table, column) for table in tables for column in [*table.columns, AVERAGE]]
@@ -51,17 +56,22 @@ def plot_acc_vs_params(tables: list[ResultTable], path, metric: str = "test/acc"
     for ax, (table, column) in zip(axes.flat, panels, strict=False):
         series: dict[str, list[tuple[float, float, float]]] = {}
         for row in table.rows:
-            cell, ratio = table.cell(row, column), (table.ratio if x == "params" else table.bytes_ratio).get(row)
-            if cell.mean is None or ratio is None:
+            cell = table.cell(row, column)
+            if x == "latency":
+                position = latency.get(row)
+            else:
+                ratio = (table.ratio if x == "params" else table.bytes_ratio).get(row)
+                position = None if ratio is None else 100 * ratio
+            if cell.mean is None or position is None:
                 continue
             line = re.sub(r"@[0-9.eE+-]+", "", row)  # one line per method (and --split-by values) across budgets
-            series.setdefault(line, []).append((100 * ratio, cell.mean, cell.std or 0.0))
+            series.setdefault(line, []).append((position, cell.mean, cell.std or 0.0))
         for method, points in series.items():
             points.sort()
             xs, ys, errs = zip(*points, strict=True)
             ax.errorbar(xs, ys, yerr=errs, capsize=2, label=method, **style(method))
         ax.set_title(column if len(tables) == 1 else f"{column} · {table.title}", fontsize=9)
-        ax.set_xlabel(X_AXES[x], fontsize=8)
+        ax.set_xlabel(x_label or X_AXES[x], fontsize=8)
         ax.set_ylabel(metric, fontsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
