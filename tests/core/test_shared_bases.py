@@ -35,7 +35,7 @@ def _group(outs=(16, 8, 8), n=16, k=4, seed=0):
 def _proxy(weights, metrics, V, factors) -> float:
     """The group's K-FAC proxy: sum_i ||Lg_i^T (W_i - U_i C_i V^T) Lx||^2."""
     total = 0.0
-    for W, metric, (U, C) in zip(weights, metrics, factors, strict=False):
+    for W, metric, (U, C) in zip(weights, metrics, factors, strict=True):
         error = W - U @ C @ V.T
         total += float(torch.trace(metric.grad_cov @ error @ metric.input_cov @ error.T))
     return total
@@ -46,7 +46,7 @@ def test_a_group_on_one_input_subspace_is_exact_at_that_rank():
     for rank, rho in ((4, 0.0), (8, 0.25)):  # rho 0.25 at rank 8: 6 weight directions, 2 task directions
         V, factors = factorize_group(weights, metrics, rank, rho)
         assert V.shape == (16, rank)
-        for W, (U, C) in zip(weights, factors, strict=False):
+        for W, (U, C) in zip(weights, factors, strict=True):
             assert U.shape[1] == min(rank, W.shape[0]) and C.shape == (U.shape[1], rank)
             torch.testing.assert_close(U @ C @ V.T, W, atol=1e-9, rtol=0)
 
@@ -58,7 +58,7 @@ def test_stacked_spectrum_is_the_stacked_whitened_weights_svd_on_either_side():
         Sx = _spd(n, generator)
         metrics = [Metric(Sx, _spd(m, generator)) for m in outs]
         stacked = torch.cat([torch.linalg.cholesky(metric.grad_cov).T @ W @ torch.linalg.cholesky(Sx)
-                             for W, metric in zip(weights, metrics, strict=False)])
+                             for W, metric in zip(weights, metrics, strict=True)])
         expected = torch.linalg.svdvals(stacked)
         torch.testing.assert_close(stacked_whitened_svd(weights, metrics).values, expected, atol=1e-9, rtol=1e-9)
         # with rho 0 the truncation loses exactly the stacked spectrum beyond the rank (the layers' U are unconstrained
@@ -73,7 +73,7 @@ def test_wider_basis_than_a_layer_keeps_that_layer_exact_on_it():
     """k/v-like layers narrower than the group's rank: U is m x m, the core m x r, and the layer is W V V^T-optimal."""
     weights, metrics = _group(outs=(16, 4, 4), n=16, k=8, seed=1)
     V, factors = factorize_group(weights, metrics, 8, rho=0.0)
-    for W, (U, C) in zip(weights, factors, strict=False):
+    for W, (U, C) in zip(weights, factors, strict=True):
         assert U.shape == (W.shape[0], min(8, W.shape[0]))
         torch.testing.assert_close(U @ C @ V.T, W, atol=1e-9, rtol=0)
 

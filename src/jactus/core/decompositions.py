@@ -115,7 +115,7 @@ class Decompositions:
         descending; `subspace.stacked_whitened_svd`); `keep=True` keeps the vectors for `factorize_group`, under the
         first layer's name."""
         def compute(dtype: torch.dtype) -> torch.Tensor:
-            metrics = [self.metric(name, weight, dtype) for name, weight in zip(names, weights, strict=False)]
+            metrics = [self.metric(name, weight, dtype) for name, weight in zip(names, weights, strict=True)]
             svd = stacked_whitened_svd(weights, metrics, names[0], vectors=keep)
             if keep:
                 self._svds[names[0] + _SHARED] = svd
@@ -130,7 +130,7 @@ class Decompositions:
             svd = self._svds.get(names[0] + _SHARED)
             if svd is not None and svd.values.dtype != dtype:
                 svd = None
-            metrics = [self.metric(name, weight, dtype) for name, weight in zip(names, weights, strict=False)]
+            metrics = [self.metric(name, weight, dtype) for name, weight in zip(names, weights, strict=True)]
             return factorize_group(weights, metrics, rank, rho, weight_basis, names[0], svd, self.eig_method)
 
         return self._checked(names[0], weights[0], compute)

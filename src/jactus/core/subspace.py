@@ -173,14 +173,21 @@ def whitened_svd(weight: torch.Tensor, metric: Metric, layer: str = "?", vectors
         inner = W @ (W.T if metric.input is None else metric.input_cov @ W.T)
         factor, side = metric.grad_factor, "output"
     gram = inner if factor is None else factor.T @ inner @ factor
+    values, gram_vectors = _gram_svd(gram, "Gram matrix of the whitened weight", layer, vectors)
+    return WhitenedSVD(values, side, gram_vectors)
+
+
+def _gram_svd(gram: torch.Tensor, what: str, layer: str, vectors: bool):
+    """Singular values `sqrt(max(eigenvalue, 0))` of the matrix whose Gram matrix is `gram`, descending, and (with
+    `vectors`) the eigenvectors in that order."""
     gram = (gram + gram.T) / 2
-    check_finite(gram, "Gram matrix of the whitened weight", layer)
+    check_finite(gram, what, layer)
     if vectors:
         eigenvalues, gram_vectors = torch.linalg.eigh(gram)
         gram_vectors = gram_vectors.flip(-1)
     else:
         eigenvalues, gram_vectors = torch.linalg.eigvalsh(gram), None
-    return WhitenedSVD(eigenvalues.flip(-1).clamp_min(0).sqrt(), side, gram_vectors)
+    return eigenvalues.flip(-1).clamp_min(0).sqrt(), gram_vectors
 
 
 def spectrum(weight: torch.Tensor, metric: Metric, layer: str = "?") -> torch.Tensor:
@@ -332,20 +339,16 @@ def stacked_whitened_svd(weights: list[torch.Tensor], metrics: list[Metric], lay
                          f"{[tuple(W.shape) for W in Ws]}")
     input_factor = metrics[0].input_factor
     if n <= sum(W.shape[0] for W in Ws):
-        inner = sum(W.T @ (W if metric.grad is None else metric.grad_cov @ W) for W, metric in zip(Ws, metrics, strict=False))
+        inner = sum(W.T @ (W if metric.grad is None else metric.grad_cov @ W)
+                    for W, metric in zip(Ws, metrics, strict=True))
         gram, side = inner if input_factor is None else input_factor.T @ inner @ input_factor, "input"
     else:
-        stacked = torch.cat([W if metric.grad is None else metric.grad_factor.T @ W for W, metric in zip(Ws, metrics, strict=False)])
+        stacked = torch.cat([W if metric.grad is None else metric.grad_factor.T @ W
+                             for W, metric in zip(Ws, metrics, strict=True)])
         stacked = stacked if input_factor is None else stacked @ input_factor
         gram, side = stacked @ stacked.T, "output"
-    gram = (gram + gram.T) / 2
-    check_finite(gram, "Gram matrix of the stacked whitened weights", layer)
-    if vectors:
-        eigenvalues, gram_vectors = torch.linalg.eigh(gram)
-        gram_vectors = gram_vectors.flip(-1)
-    else:
-        eigenvalues, gram_vectors = torch.linalg.eigvalsh(gram), None
-    values = eigenvalues.flip(-1).clamp_min(0).sqrt()[: min(n, gram.shape[0])]
+    values, gram_vectors = _gram_svd(gram, "Gram matrix of the stacked whitened weights", layer, vectors)
+    values = values[: min(n, gram.shape[0])]
     return WhitenedSVD(values, side, None if gram_vectors is None else gram_vectors[:, : values.numel()])
 
 
@@ -359,7 +362,7 @@ def _shared_input_directions(weights: list[torch.Tensor], metrics: list[Metric],
     inverse = 1 / s.clamp_min(max(float(s[0]) * torch.finfo(s.dtype).eps, torch.finfo(s.dtype).tiny))
     blocks = torch.split(svd.gram_vectors, [weight.shape[0] for weight in weights])
     right = sum(weight.detach().to(metric.dtype).T @ (block if metric.grad is None else metric.grad_factor @ block)
-                for weight, metric, block in zip(weights, metrics, blocks, strict=False))
+                for weight, metric, block in zip(weights, metrics, blocks, strict=True))
     return right * inverse
 
 
@@ -397,7 +400,7 @@ def factorize_group(weights: list[torch.Tensor], metrics: list[Metric], rank: in
     V = _with_task_directions(_shared_input_directions(weights, basis_metrics, svd), metrics[0].input, rank, rho,
                               eig_method)
     factors = []
-    for weight, metric, basis_metric in zip(weights, metrics, basis_metrics, strict=False):
+    for weight, metric, basis_metric in zip(weights, metrics, basis_metrics, strict=True):
         W = weight.detach().to(metric.dtype)
         SxV = V if basis_metric.input_cov is None else basis_metric.input_cov @ V
         B = torch.cholesky_solve((W @ SxV).T, torch.linalg.cholesky(V.T @ SxV)).T  # W Sx V (V^T Sx V)^{-1}
