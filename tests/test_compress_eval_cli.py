@@ -27,8 +27,9 @@ def cli(module: str, args: list[str], tmp_path: Path, ok: bool = True) -> subpro
 
 
 def test_compress_palette_then_eval_one_member(tmp_path):
-    cli("jactus.compress", [*TINY_QA, "budgets=[0.9,0.7]", "method=jactus_rho0", "allocator.rank_multiple=1"],
-        tmp_path / "compress")
+    # with every option of the method (here gate/up sharing one input basis) reaching the one calibration
+    cli("jactus.compress", [*TINY_QA, "budgets=[0.9,0.7]", "method=jactus_rho0", "allocator.rank_multiple=1",
+                            "method.share_bases=[gate_proj,up_proj]"], tmp_path / "compress")
     summaries = {s["budget"]: s for s in (json.loads(p.read_text())
                                           for p in (tmp_path / "compress").rglob("budget_*/summary.json"))}
     assert sorted(summaries) == [0.7, 0.9]
@@ -42,6 +43,8 @@ def test_compress_palette_then_eval_one_member(tmp_path):
         assert summary["bytes_deployed"] == weights.stat().st_size - 8 - header
         assert summary["bytes_ratio"] == pytest.approx(summary["bytes_deployed"] / summary["bytes_original"])
         assert summary["bytes_ratio"] < 1 and summary["bytes_breakdown"]["low_rank"] > 0
+        assert [[name.rsplit(".", 1)[-1] for name in group] for group in summary["shared_bases"]] == [
+            ["gate_proj", "up_proj"]] * 2
     member = next((tmp_path / "compress").rglob("budget_0.7"))
     cli("jactus.evaluate", [*TINY_QA, f"compact_dir={member}"], tmp_path / "eval")
     (evaluated,) = [json.loads(p.read_text()) for p in (tmp_path / "eval").rglob("summary.json")]

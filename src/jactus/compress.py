@@ -24,7 +24,7 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
-from .core import compress_model, count_params, save_compact, stored_bytes
+from .core import count_params, save_compact, stored_bytes
 from .core.calibration import to_device
 from .methods.base import MethodContext
 from .methods.jactus import Jactus
@@ -78,12 +78,9 @@ def compress(cfg: DictConfig) -> list[dict]:
             method = methods[0]
             begin = time.perf_counter()
             planned = [method.params_budget(model, budget, method.targets) for budget in budgets]  # unit=bytes
-            results = compress_model(model, calibration, module.calibration_loss, planned, targets=method.targets,
-                                     allocator=method.allocator, scope=method.scope,
-                                     rank_multiple=method.rank_multiple, rho=method.rho,
-                                     weight_basis=method.weight_basis, stats_mode=method.stats_mode,
-                                     damping=method.damping, mask_key=method.mask_key,
-                                     head_names=module.head_names, device=device, **method.calib.driver_kwargs())
+            ctx = MethodContext(model=model, loss_fn=module.calibration_loss, calibration_batches=calibration,
+                                head_names=module.head_names, family=module.family, device=device)
+            results = method.compress(ctx, planned)  # every option of the method (shared bases, compensation)
             seconds = time.perf_counter() - begin
             for budget in budgets:
                 compact, method.plan = results.pop(0)

@@ -143,7 +143,7 @@ class Jactus(LowRankMethod):
             byte_budget = ByteBudget.of(ctx.model, self.budget, self.scope, find_targets(ctx.model, self.targets))
         low_rank_budget = self.params_budget(ctx.model, self.budget * (1.0 - self.sparse_share), self.targets)
         try:
-            model, self.plan = self._compress(ctx, low_rank_budget)
+            model, self.plan = self.compress(ctx, low_rank_budget)
         except ValueError as err:
             if not self.sparse_share:
                 raise
@@ -197,8 +197,9 @@ class Jactus(LowRankMethod):
         self.sparse_index_bytes = sparse_index_bytes(layer.sparse for layer in layers.values())
         train_cores(model, self.head_names)  # the values train with the cores
 
-    def _compress(self, ctx: MethodContext, budget: float | list[float], **options):
-        """The one compression driver with this method's options (`options`: further `compress_model` keywords)."""
+    def compress(self, ctx: MethodContext, budget: float | list[float], **options):
+        """The one compression driver with this method's options (`options`: further `compress_model` keywords):
+        `(model, plan)`, or a list of them for a list of budgets (`jactus-compress`: one calibration for all)."""
         return compress_model(
             ctx.model,
             ctx.calibration_batches,

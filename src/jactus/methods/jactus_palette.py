@@ -150,7 +150,7 @@ class JactusPalette(Jactus):
             raise ValueError("jactus_palette needs calibration batches (the datamodule's calibration_dataloader())")
         self.head_names = list(ctx.head_names)
         dense = {name: linear.weight for name, linear in find_targets(ctx.model, self.targets).items()}
-        results = self._compress(ctx, [self.params_budget(ctx.model, budget, self.targets) for budget in self.palette],
+        results = self.compress(ctx, [self.params_budget(ctx.model, budget, self.targets) for budget in self.palette],
                                  nested=True)
         model = results[0][0]
         self.plans = [plan for _, plan in results]
