@@ -117,3 +117,7 @@ def test_shared_bases_are_chosen_per_experiment(compose_cfg):
     assert share(["variant=jactus_0.8", "jactus_share_bases=[gate_proj,up_proj]"]) == ["gate_proj", "up_proj"]
     method = instantiate(compose_cfg(["variant=jactus_0.8_shared"]).method, _convert_="all")
     assert method.share_bases == ["gate_proj", "up_proj"]
+    # chosen on validation for the SmolLM2 experiment (issue 27) and for jactus-compress; pinned off where asked
+    assert share(["experiment=offline_llama", "variant=jactus_0.8"]) == ["gate_proj", "up_proj"]
+    assert share(["experiment=offline_llama", "variant=jactus_0.8", "jactus_share_bases=false"]) is False
+    assert share([], config_name="compress") == ["gate_proj", "up_proj"]

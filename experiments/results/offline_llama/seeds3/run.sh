@@ -11,16 +11,18 @@
 set -u
 cd "$(dirname "$0")/../../../.."
 SEEDS=${1:-"0 1 2"}
-ROWS=${2:-"zero_shot lora jactus_0.8 dora compress_then_adapt_0.8 jactus_0.8_targets compress_then_adapt_0.8_targets tunecomp_0.8 jactus_0.8_kd taco_0.8 taco_0.8_bytes"}
+ROWS=${2:-"zero_shot lora jactus_0.8 dora compress_then_adapt_0.8 jactus_0.8_targets compress_then_adapt_0.8_targets tunecomp_0.8 jactus_0.8_kd taco_0.8 taco_0.8_bytes jactus_0.8_shared"}
 export LOG=${LOG:-logs/offline_llama_seeds3}
 export COMMON="experiment=offline_llama logger=csv trainer.enable_checkpointing=false evaluate_before=false \
 data.module.test_per_task=150 data.module.val_per_task=20 trainer.max_steps=150 ${EXTRA:-}"
 for seed in $SEEDS; do
   for row in $ROWS; do
+    # the JACTUS rows that ran before gate/up sharing became the experiment's default keep per-layer bases
+    case $row in jactus_0.8|jactus_0.8_targets|jactus_0.8_kd) pin=jactus_share_bases=false ;; *) pin= ;; esac
     case $row in
-      *_targets) echo "${row}_s$seed variant=${row%_targets} budget.scope=targets seed=$seed" ;;
+      *_targets) echo "${row}_s$seed variant=${row%_targets} budget.scope=targets seed=$seed $pin" ;;
       *_bytes) echo "${row}_s$seed variant=${row%_bytes} budget.unit=bytes seed=$seed" ;;
-      *) echo "${row}_s$seed variant=$row seed=$seed" ;;
+      *) echo "${row}_s$seed variant=$row seed=$seed $pin" ;;
     esac
   done
 done | experiments/results/run_jobs.sh

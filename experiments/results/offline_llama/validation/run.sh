@@ -17,6 +17,10 @@
 # taco (item 5): TACO@0.8 on this protocol, with its start scored (evaluate_before): does the table's TACO row lead
 # JACTUS because it starts closer to the dense model, or because its 79M trainable weights adapt further?
 # tunecomp (item 4's rates): TuneComp@0.8 at the table's 2e-4 and at 1e-3 (seed 0): is its row's loss its rate?
+# Every stage pins jactus_share_bases=false (per-layer bases, as these runs had before gate/up sharing became the
+# experiment's default); the shared stage asks for sharing explicitly.
+# shared (issue 27 item 1): gate/up sharing one input basis (method.share_bases=[gate_proj,up_proj]) at 0.8, 0.9 and
+# 0.6, and plain JACTUS at 0.6 beside it (plain 0.8 and 0.9 are the grid's r0_c512 and item5's b0.9 runs).
 # layer_damage (item 5): no training; the seed-0/1 JACTUS@0.8 start with each kind of target restored dense
 # (layer_damage.py), and the allocation tilted by seed 0's measured/proxy ratios (+kind_scale), on seeds 1 and 0.
 set -u
@@ -24,7 +28,7 @@ cd "$(dirname "$0")/../../../.."
 if [ "${1:-}" = layer_damage ]; then
   export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
   C="experiment=offline_llama variant=jactus_0.8 data.module.test_per_task=150 data.module.val_per_task=20 \
-calib.stats_cache=logs/stats_cache logger=none hydra.mode=RUN"
+calib.stats_cache=logs/stats_cache logger=none hydra.mode=RUN jactus_share_bases=false"
   S='+kind_scale={gate_proj: 1.4, up_proj: 1.3, down_proj: 0.7, o_proj: 0.25, q_proj: 0.3, k_proj: 0.2}'
   DAMAGE="${PYTHON:-.venv/bin/python} experiments/results/offline_llama/validation/layer_damage.py"
   for seed in 0 1; do $DAMAGE $C seed=$seed hydra.run.dir=logs/layer_damage/s$seed; done
@@ -38,7 +42,7 @@ fi
 export LOG=${LOG:-logs/val3}
 export COMMON="experiment=offline_llama logger=csv trainer.enable_checkpointing=false data.module.test_per_task=150 \
 data.module.val_per_task=20 trainer.max_steps=50 test=false evaluate_before=true variant=jactus_0.8 \
-calib.stats_cache=logs/stats_cache"
+calib.stats_cache=logs/stats_cache jactus_share_bases=false"
 case ${1:-grid} in
   grid) cat <<'JOBS' ;;
 r0.25_c128_s0 method.rho=0.25 calib.num_samples=128 seed=0
@@ -87,5 +91,16 @@ JOBS
 tunecomp0.8_lr2e-4_s0 variant=tunecomp_0.8 optim.lr=2e-4 seed=0
 tunecomp0.8_lr1e-3_s0 variant=tunecomp_0.8 optim.lr=1e-3 seed=0
 JOBS
-  *) echo "unknown stage ${1}: expected grid, followup, item5, core_dropout, taco, tunecomp or layer_damage" >&2; exit 2 ;;
+  shared) cat <<'JOBS' ;;
+sbmlp_r0_c512_s0 'method.share_bases=[gate_proj,up_proj]' seed=0
+sbmlp_r0_c512_s1 'method.share_bases=[gate_proj,up_proj]' seed=1
+sbmlp_b0.9_r0_c512_s0 'method.share_bases=[gate_proj,up_proj]' budget.ratio=0.9 seed=0
+sbmlp_b0.9_r0_c512_s1 'method.share_bases=[gate_proj,up_proj]' budget.ratio=0.9 seed=1
+b0.6_r0_c512_s0 budget.ratio=0.6 seed=0
+sbmlp_b0.6_r0_c512_s0 'method.share_bases=[gate_proj,up_proj]' budget.ratio=0.6 seed=0
+b0.6_r0_c512_s1 budget.ratio=0.6 seed=1
+sbmlp_b0.6_r0_c512_s1 'method.share_bases=[gate_proj,up_proj]' budget.ratio=0.6 seed=1
+JOBS
+  *) echo "unknown stage ${1}: expected grid, followup, item5, core_dropout, taco, tunecomp, shared or layer_damage" >&2
+     exit 2 ;;
 esac | experiments/results/run_jobs.sh

@@ -15,11 +15,13 @@ import yaml
 
 KEYS = (("method", "method"), ("budget.ratio", "budget"), ("trainer.max_steps", "steps"), ("method.rho", "rho"),
         ("calib.num_samples", "calib"), ("calib.loss", "calib loss"), ("distill.weight", "distill"), ("lr", "lr"),
-        ("method.dense_adapter_r", "dense-target LoRA r"), ("method.core_dropout", "core dropout"))
+        ("method.dense_adapter_r", "dense-target LoRA r"), ("method.core_dropout", "core dropout"),
+        ("method.share_bases", "shared bases"), ("method.compensation", "compensation"))
 
 COMPRESSING_ONLY = {"budget.ratio", "calib.num_samples"}  # any method with a budget (JACTUS, TACO, TuneComp)
-JACTUS_ONLY = {"method.rho", "calib.loss", "method.dense_adapter_r", "method.core_dropout"}
-DEFAULTS = {"calib.loss": "task", "method.dense_adapter_r": 0, "method.core_dropout": 0.0}
+JACTUS_ONLY = {"method.rho", "calib.loss", "method.dense_adapter_r", "method.core_dropout", "method.share_bases",
+               "method.compensation"}
+DEFAULTS = {"calib.loss": "task", "method.dense_adapter_r": 0, "method.core_dropout": 0.0, "method.share_bases": False}
 
 
 def setting(run: Path, summary: dict) -> tuple:
@@ -40,6 +42,8 @@ def setting(run: Path, summary: dict) -> tuple:
             value = config.get(key, yaml.safe_load(default))
         if value is None and dotted in DEFAULTS:
             return DEFAULTS[dotted]  # runs from before the option
+        if isinstance(value, list):
+            return "/".join(value)  # the kinds that share a basis, e.g. gate_proj/up_proj
         return value
     return tuple(get(key) for key, _ in KEYS)
 
