@@ -99,14 +99,18 @@ class Report:
 
 
 def repeated_seeds(frame: pd.DataFrame) -> list[str]:
-    """"label, seed s: N runs (paths)" for every row whose seed has more than one successful run."""
+    """"label, seed s: N runs (paths)" for every cell (row of a table, on one dataset) whose seed has more than one
+    successful run; the same row and seed on two datasets (two columns) is not a repeat."""
+    keys = [key for key in ("experiment", "model", "data") if key in frame.columns]
     ok = frame[(frame["status"] == "ok") & frame["seed"].notna()].drop_duplicates(["label", "seed", "path"])
     out = []
-    for (label, seed), runs in ok.groupby(["label", "seed"], sort=False):
+    for group, runs in ok.groupby([*keys, "label", "seed"], sort=False, dropna=False):
         if len(runs) > 1:
+            label, seed = group[-2], group[-1]
+            data = f" on {group[keys.index('data')]}" if "data" in keys else ""
             paths = ", ".join(str(Path(path).parent) for path in runs["path"])
-            out.append(f"{label}, seed {format(seed, 'g') if isinstance(seed, float) else seed}: {len(runs)} runs "
-                       f"({paths})")
+            out.append(f"{label}{data}, seed {format(seed, 'g') if isinstance(seed, float) else seed}: {len(runs)} "
+                       f"runs ({paths})")
     return out
 
 

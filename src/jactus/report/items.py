@@ -70,7 +70,7 @@ def count_text(table: ResultTable, row: str, column: str) -> str:
     """How many items a cell holds: "150 x 3" (items per seed x seeds; "148-150 x 3" where seeds differ), "?" where
     a run has no items file, the missing mark where no run exists."""
     seeds = seeds_of(table, row)
-    if not seeds:
+    if not seeds or table.cell(row, column).mean is None:  # no run, or no value in this cell (another dataset's row)
         return MISSING
     tasks = table.columns if column == AVERAGE else [column]
     counts = []
