@@ -5,7 +5,9 @@ tokens), decode tokens/s with the KV cache (batch 1, from a 256-token prompt), i
 
 - `dense`: the model as shipped; a merged LoRA has exactly these shapes and weights' layout, so it is this row;
 - `jactus_0.9`, `jactus_0.8`, `jactus_0.6`: the compact models as a user ships them (`jactus-compress` with a small
-  calibration set, ranks from its plan, `save_compact`; here `load_compact`);
+  calibration set, ranks from its plan, `save_compact`; here `load_compact`), with per-layer bases;
+- `jactus+shared_0.8` (the LM): the same with each block's gate_proj and up_proj sharing one input basis (one `down`
+  between them, each input projected once: `jactus-compress`'s default for the LM);
 - `taco_0.8_zeros`, `taco_0.8_csr`: TACO unstructured pruning at budget 0.8, run as the dense model with the pruned
   weights at zero, and with each pruned weight as a sparse CSR tensor (`torch.sparse.mm`); `taco_0.8_best` says which
   a user should pick per measurement;
@@ -54,6 +56,7 @@ SETUPS = {
                 calib=8, warmup=0, repeats=2, slow_s=60.0),
 }
 JACTUS_BUDGETS = (0.9, 0.8, 0.6)
+SHARED_BUDGET = 0.8
 TACO_BUDGET = 0.8  # for 2:4 an upper bound: the pattern fixes the density at one half of the pruned weights
 FAMILIES = ("causal_lm", "vision")
 NOTES = {
@@ -91,9 +94,13 @@ def compression_runs(family: str, setup: dict, device: torch.device) -> dict[str
     """Each jactus-compress run (its command-line overrides) by the directory it writes."""
     base = overrides(family, setup, device)
     budgets = ",".join(str(b) for b in JACTUS_BUDGETS)
-    return {"jactus": [*base, "method=jactus", f"budgets=[{budgets}]"],
+    runs = {"jactus": [*base, "method=jactus", "jactus_share_bases=false", f"budgets=[{budgets}]"],
             "taco": [*base, "method=taco", "method.pattern=unstructured", f"budgets=[{TACO_BUDGET}]"],
             "taco_2:4": [*base, "method=taco", "method.pattern=2:4", f"budgets=[{TACO_BUDGET}]"]}
+    if family == "causal_lm":  # gate/up sharing one input basis (the LM's default in jactus-compress)
+        runs["jactus_shared"] = [*base, "method=jactus", "jactus_share_bases=[gate_proj,up_proj]",
+                                 f"budgets=[{SHARED_BUDGET}]"]
+    return runs
 
 
 def compact_dirs(family: str, setup: dict, device: torch.device, cache: Path) -> tuple[dict[str, Path], dict]:
@@ -103,6 +110,8 @@ def compact_dirs(family: str, setup: dict, device: torch.device, cache: Path) ->
     dirs = {"dense": root / "dense", **{f"jactus_{b}": root / "jactus" / f"budget_{b}" for b in JACTUS_BUDGETS},
             "taco_0.8": root / "taco" / f"budget_{TACO_BUDGET}",
             "taco_2:4": root / "taco_2:4" / f"budget_{TACO_BUDGET}"}
+    if family == "causal_lm":
+        dirs[f"jactus+shared_{SHARED_BUDGET}"] = root / "jactus_shared" / f"budget_{SHARED_BUDGET}"
     commands = {}
     if not (dirs["dense"] / "model.safetensors").is_file():
         save_dense(family, setup, device, dirs["dense"])
@@ -281,6 +290,8 @@ def variant_builders(dirs: dict[str, Path], device: torch.device, dtype: torch.d
         return load_compact(dirs[name], device=device).to(dtype).eval()
 
     builders = {name: (lambda n=name: load(n)) for name in ("dense", *(f"jactus_{b}" for b in JACTUS_BUDGETS))}
+    if f"jactus+shared_{SHARED_BUDGET}" in dirs:
+        builders[f"jactus+shared_{SHARED_BUDGET}"] = lambda: load(f"jactus+shared_{SHARED_BUDGET}")
     builders["taco_0.8_zeros"] = lambda: load("taco_0.8")
     builders["taco_0.8_csr"] = lambda: to_csr(load("taco_0.8"), pruned_names(dirs["taco_0.8"]))
     builders["taco_2:4_zeros"] = lambda: load("taco_2:4")

@@ -85,7 +85,8 @@ def test_infer_real_toy(tmp_path):
     for family, measurements in (("causal_lm", {"prefill_b1", "prefill_b2", "decode_b1"}),
                                  ("vision", {"images_b2"})):
         result = record[family]
-        assert set(result["variants"]) == variants and set(result["vs_dense"]) == variants | {"taco_0.8_best"}
+        expected = variants | ({"jactus+shared_0.8"} if family == "causal_lm" else set())  # gate/up: the LM's
+        assert set(result["variants"]) == expected and set(result["vs_dense"]) == expected | {"taco_0.8_best"}
         assert all(set(ratios) == measurements and min(ratios.values()) > 0 for ratios in result["vs_dense"].values())
         assert set(result["vs_dense"]["dense"].values()) == {1.0}
         info = result["variants"]
@@ -95,3 +96,6 @@ def test_infer_real_toy(tmp_path):
         assert all({"load_gb", "peak_gb"} <= set(entry["memory"]) for entry in info.values())
     compact = tmp_path / "cache" / "llama_tiny_test-synthetic_qa-calib8" / "jactus" / "budget_0.6"
     assert (compact / "model.safetensors").is_file()
+    shared = json.loads((compact.parent.parent / "jactus_shared" / "budget_0.8" / "summary.json").read_text())
+    plain = json.loads((compact.parent / "budget_0.8" / "summary.json").read_text())
+    assert shared["shared_bases"] and "shared_bases" not in plain  # the plain rows keep per-layer bases
