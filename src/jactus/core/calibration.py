@@ -327,6 +327,16 @@ def _second_moment(rows: torch.Tensor) -> torch.Tensor:
     return rows.T @ rows
 
 
+def masks(mask: torch.Tensor | None, tensor: torch.Tensor) -> bool:
+    """Whether the batch's token `mask` ([..., T]) selects among the positions of an activation [..., T, d]."""
+    return mask is not None and tuple(mask.shape) == tuple(tensor.shape[:-1])
+
+
+def token_rows(tensor: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The calibration tokens of an activation [..., d] as rows [T_b, d]: those `mask` selects, else every one."""
+    return tensor[mask] if masks(mask, tensor) else tensor.reshape(-1, tensor.shape[-1])
+
+
 def _calibration_pass(model, modules, groups, batches, loss_fn, *, device, stats_device, stats_dtype, mask_key,
                       need_gradients, normalizer, progress, desc, total) -> dict[str, LayerStats]:
     leader_of = {name: group[0] for group in groups for name in group}
@@ -338,11 +348,10 @@ def _calibration_pass(model, modules, groups, batches, loss_fn, *, device, stats
     state: dict[str, Any] = {"mask": None, "mask_count": None, "scale": 1.0, "inputs": {}}
 
     def masked(tensor: torch.Tensor) -> bool:
-        return state["mask"] is not None and tuple(state["mask"].shape) == tuple(tensor.shape[:-1])
+        return masks(state["mask"], tensor)
 
     def select(tensor: torch.Tensor) -> torch.Tensor:
-        """The calibration tokens of an activation [..., d] as rows [T_b, d]."""
-        return tensor[state["mask"]] if masked(tensor) else tensor.reshape(-1, tensor.shape[-1])
+        return token_rows(tensor, state["mask"])
 
     def grad_hook(name):
         scale_sq = float(state["scale"]) ** 2

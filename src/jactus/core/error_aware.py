@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import CalibrationStats, LayerStats, LossFn, _all_reduce, _layer_input, to_device
+from .calibration import CalibrationStats, LayerStats, LossFn, _all_reduce, _layer_input, to_device, token_rows
 from .decompositions import Decompositions
 from .factorize import build_layers
 from .linalg import damp
@@ -130,12 +130,6 @@ def _first_block_inputs(model: nn.Module, block: nn.Module, batches: Sequence, l
     return captured
 
 
-def _token_rows(tensor: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if mask is not None and tuple(mask.shape) == tuple(tensor.shape[:-1]):
-        return tensor[mask]
-    return tensor.reshape(-1, tensor.shape[-1])
-
-
 def sequential_build(
     model: nn.Module,
     batches: Sequence,
@@ -184,9 +178,12 @@ def sequential_build(
         compressed = list(dense)
         bar = progress_bar(total=len(blocks), desc=f"compress 2/2 (error-aware, compensation {compensation:g})",
                            disable=not progress)
-        for _, block, names in blocks:
+        for block_name, block, names in blocks:
+            def local(name: str, prefix: str = block_name + ".") -> str:
+                return name.removeprefix(prefix)  # the target's name inside its block
+
             leaders = list(dict.fromkeys(group_of.get(name, [name])[0] for name in names))
-            stats, next_dense = _prefix_statistics(block, leaders, linears, inputs, dense, compressed, masks,
+            stats, next_dense = _prefix_statistics(block, local, leaders, linears, inputs, dense, compressed, masks,
                                                    compensation, stats_dtype, device, store)
             new = _refit(block, names, leaders, group_of, linears, stats, rank_map, grad_covs, stats_mode, damping,
                          rho, weight_basis, shared, compute_dtype, eig_method, compensation)
@@ -194,10 +191,10 @@ def sequential_build(
             if on_layers is not None:
                 on_layers(new)
             dense = next_dense  # the dense block on the dense stream
-            originals = {name: block.get_submodule(_local(name)) for name in new}
-            _swap(block, new)
-            compressed = _run(block, inputs, compressed, store)
-            _swap(block, originals)
+            originals = {name: block.get_submodule(local(name)) for name in new}
+            _swap(block, local, new)
+            compressed = _run(block, inputs, compressed, store, device)
+            _swap(block, local, originals)
             bar.update()
         bar.close()
     finally:
@@ -205,36 +202,22 @@ def sequential_build(
     return built
 
 
-def _local(name: str) -> str:
-    """A target's name inside its block (`model.layers.3.mlp.up_proj` -> `mlp.up_proj`)."""
-    parts = name.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        if parts[cut - 1].isdigit():
-            return ".".join(parts[cut:])
-    return name
-
-
-def _swap(block: nn.Module, layers: Mapping[str, nn.Module]) -> None:
+def _swap(block: nn.Module, local: Callable[[str], str], layers: Mapping[str, nn.Module]) -> None:
     for name, layer in layers.items():
-        block.set_submodule(_local(name), layer)
+        block.set_submodule(local(name), layer)
 
 
-def _run(block: nn.Module, inputs, stream, store) -> list[torch.Tensor]:
+def _run(block: nn.Module, inputs, stream, store, device) -> list[torch.Tensor]:
     out = []
     with torch.no_grad():
         for (args, kwargs), hidden in zip(inputs, stream, strict=True):
-            args, kwargs = _with_hidden(args, kwargs, hidden.to(_device_of(block)))
+            args, kwargs = _with_hidden(args, kwargs, hidden.to(device))
             out.append(store(_block_output(block(*args, **kwargs))))
     return out
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    param = next(module.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def _prefix_statistics(block, leaders, linears, inputs, dense, compressed, masks, compensation, stats_dtype, device,
-                       store) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, int]], list[torch.Tensor]]:
+def _prefix_statistics(block, local, leaders, linears, inputs, dense, compressed, masks, compensation, stats_dtype,
+                       device, store) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, int]], list[torch.Tensor]]:
     """Per shared-input group of the (dense) block: `(S', lam E[(x - x') x'^T], tokens)` over the calibration tokens
     (module docstring), from the block run on both streams; and the block's output on the dense stream."""
     n_of = {leader: linears[leader].in_features for leader in leaders}
@@ -246,7 +229,7 @@ def _prefix_statistics(block, leaders, linears, inputs, dense, compressed, masks
 
     def hook(leader):
         def record(module, args, kwargs, output):
-            rows = _token_rows(_layer_input(args, kwargs).detach(), state["mask"]).float()
+            rows = token_rows(_layer_input(args, kwargs).detach(), state["mask"]).float()
             if state["phase"] == "compressed":
                 seen[leader] = rows
                 sums[leader].add_((rows.T @ rows).to(stats_dtype))
@@ -257,7 +240,7 @@ def _prefix_statistics(block, leaders, linears, inputs, dense, compressed, masks
                     cross[leader].add_(((rows - other).T @ other).to(stats_dtype), alpha=compensation)
         return record
 
-    handles = [block.get_submodule(_local(leader)).register_forward_hook(hook(leader), with_kwargs=True)
+    handles = [block.get_submodule(local(leader)).register_forward_hook(hook(leader), with_kwargs=True)
                for leader in leaders]
     outputs = []
     try:
@@ -301,9 +284,9 @@ def _refit(block, names, leaders, group_of, linears, stats, rank_map, grad_covs,
             virtual.bias = linear.bias
             effective[name] = virtual
             layers[name] = LayerStats(second, grad_covs.get(name), count)
-    groups = [[name for name in group_of.get(leader, [leader]) if name in effective] for leader in leaders]
     if not effective:
         return {}
+    groups = [[name for name in group_of.get(leader, [leader]) if name in effective] for leader in leaders]
     decompositions = Decompositions(CalibrationStats(layers, [g for g in groups if len(g) > 1]), stats_mode, damping,
                                     compute_dtype=compute_dtype, eig_method=eig_method)
     block_shared = [list(group) for group in shared if group[0] in effective]
