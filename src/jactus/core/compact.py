@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .factorize import apply_rank_map
+from .factorize import apply_rank_map, fold_layers
 from .layers import FactorizedLinear, LowRankLinear
 
 WEIGHTS_FILE, RANK_MAP_FILE, ARCH_FILE = "model.safetensors", "rank_map.json", "arch.json"
@@ -120,15 +120,12 @@ def deployed_tensors(model: nn.Module, encode: bool = True) -> tuple[dict[str, t
     tensors: dict[str, torch.Tensor] = {}
     non_persistent: set[str] = set()
     folded_prefixes = []
-    downs: dict[int, nn.Linear] = {}  # layers that share one input basis fold to one `down` (stored once)
-    for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, FactorizedLinear):
-            prefix = f"{name}." if name else ""
-            folded_prefixes.append(prefix)
-            deployed = module.fold(downs.get(id(module.V)))
-            downs.setdefault(id(module.V), deployed.down)
-            for key, value in deployed.state_dict().items():
-                tensors[prefix + key] = value
+    # layers that share one input basis fold to one `down`, stored once
+    for name, deployed in fold_layers(model.named_modules(remove_duplicate=False)).items():
+        prefix = f"{name}." if name else ""
+        folded_prefixes.append(prefix)
+        for key, value in deployed.state_dict().items():
+            tensors[prefix + key] = value
     for name, value in model.named_parameters(remove_duplicate=False):
         if not any(name.startswith(prefix) for prefix in folded_prefixes):
             tensors[name] = value

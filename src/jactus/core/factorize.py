@@ -158,15 +158,8 @@ def _shared_layers(decompositions: Decompositions, group: list[str], linears: Ma
         linear = linears[name]
         bias = None if linear.bias is None else linear.bias.detach().to(trainable_dtype(dtype), copy=True)
         layers[name] = FactorizedLinear(U.to(dtype), core.to(trainable_dtype(dtype)), V.to(dtype), bias)
-    tie_shared_bases_of(list(layers.values()))
+    _tie(list(layers.values()))
     return layers
-
-
-def tie_shared_bases_of(layers: Sequence[FactorizedLinear]) -> None:
-    """The first layer's `V` Parameter becomes every other layer's (their `V`s hold the same values)."""
-    for layer in layers:
-        layer.V = layers[0].V
-        layer.shared_members = len(layers)
 
 
 def install_layers(
@@ -191,13 +184,21 @@ def install_layers(
 def fold_factorized(model: nn.Module) -> nn.Module:
     """Replace every `FactorizedLinear` by its deployed `LowRankLinear` (the core folded into the left factor);
     layers that share one `V` share one `down`."""
-    downs: dict[int, nn.Linear] = {}
-    for name, module in list(model.named_modules()):
-        if isinstance(module, FactorizedLinear):
-            folded = module.fold(downs.get(id(module.V)))
-            downs.setdefault(id(module.V), folded.down)
-            model.set_submodule(name, folded)
+    for name, folded in fold_layers(model.named_modules()).items():
+        model.set_submodule(name, folded)
     return model
+
+
+def fold_layers(named_modules) -> dict[str, LowRankLinear]:
+    """The deployed `LowRankLinear` of each `FactorizedLinear` among `(name, module)` pairs (the model unchanged);
+    layers that share one `V` get one `down`."""
+    downs: dict[int, nn.Linear] = {}
+    folded = {}
+    for name, module in list(named_modules):
+        if isinstance(module, FactorizedLinear):
+            folded[name] = module.fold(downs.get(id(module.V)))
+            downs.setdefault(id(module.V), folded[name].down)
+    return folded
 
 
 def _check_names(ranks: Mapping[str, int | None], modules: Mapping[str, nn.Module], kinds: tuple) -> None:
@@ -278,10 +279,15 @@ def tie_shared_bases(model: nn.Module, groups: Sequence[Sequence[str]]) -> None:
                      for name, layer in zip(group, layers, strict=True)]
             raise ValueError(f"shared input basis {list(group)}: expected low-rank layers of one kind with one input "
                              f"width and rank; found {found}")
-        for layer in layers[1:]:
-            if isinstance(layer, FactorizedLinear):
-                layer.V = layers[0].V
-            else:
-                layer.down = layers[0].down
-        for layer in layers:
-            layer.shared_members = len(layers)
+        _tie(layers)
+
+
+def _tie(layers: Sequence[nn.Module]) -> None:
+    """The first layer's `V` (`FactorizedLinear`) or `down` (`LowRankLinear`) becomes every other layer's, and each
+    knows how many hold it (they project an input once between them)."""
+    for layer in layers:
+        if isinstance(layer, FactorizedLinear):
+            layer.V = layers[0].V
+        else:
+            layer.down = layers[0].down
+        layer.shared_members = len(layers)
