@@ -116,17 +116,28 @@ def layer_spectra(model: nn.Module, stats, stats_mode: str = "kfac", damping: fl
     """
     modules = _targets(model, stats, targets)
     decompositions = Decompositions(stats, stats_mode, damping, compute_dtype=compute_dtype)
-    members = {name: list(group) for group in shared for name in group}
+    sharing = {name: list(group) for group in shared for name in group}
     spectra = {}
     for group in decompositions.groups(modules):
         for name in group:
-            if name not in members:
-                spectra[name] = decompositions.spectrum(name, modules[name].weight)
-            elif members[name][0] == name:
-                spectra[name] = decompositions.group_spectrum(
-                    members[name], [modules[member].weight for member in members[name]])
+            values = unit_spectrum(decompositions, name, modules, sharing)
+            if values is not None:
+                spectra[name] = values
         decompositions.release(group)
     return {name: spectra[name] for name in modules if name in spectra}
+
+
+def unit_spectrum(decompositions: Decompositions, name: str, modules: Mapping[str, nn.Linear],
+                  sharing: Mapping[str, Sequence[str]], keep: bool = False) -> torch.Tensor | None:
+    """What the allocator reads for target `name`: its whitened weight's singular values, the stacked ones of the
+    shared-basis group it leads (`sharing`: member -> its group), or None for a group's other members. `keep`: as
+    `Decompositions.spectrum`."""
+    group = sharing.get(name)
+    if group is None:
+        return decompositions.spectrum(name, modules[name].weight, keep=keep)
+    if group[0] != name:
+        return None
+    return decompositions.group_spectrum(list(group), [modules[member].weight for member in group], keep=keep)
 
 
 def _targets(model: nn.Module, stats, targets: Sequence[str] | None) -> dict[str, nn.Linear]:

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .allocation import ALLOCATORS, SCOPES, RankPlan, plan_ranks
+from .allocation import ALLOCATORS, SCOPES, RankPlan, plan_ranks, unit_spectrum
 from .calibration import (
     LossFn,
     broadcast,
@@ -214,14 +214,14 @@ def compress_model(
     single = not isinstance(budget, (list, tuple))
     budgets = [budget] if single else list(budget)
     compensation = check_compensation(compensation)
-    if compensation is not None and (nested or build_layer is not None or stats_mode == "none"):
-        what = "nested=True" if nested else "a build_layer" if build_layer is not None else "stats_mode='none'"
-        raise ValueError(f"compensation={compensation} (error-aware compression) does not combine with {what}: it "
-                         f"refits JACTUS's own layers from calibrated inputs")
-    if share_bases and (nested or build_layer is not None or stats_mode == "none"):
-        what = "nested=True" if nested else "a build_layer" if build_layer is not None else "stats_mode='none'"
-        raise ValueError(f"share_bases=True does not combine with {what}: shared input bases are JACTUS's own "
-                         f"layers, planned from calibrated groups")
+    conflict = "nested=True" if nested else "a build_layer" if build_layer is not None else \
+        "stats_mode='none'" if stats_mode == "none" else None
+    for used, option, why in ((compensation is not None, f"compensation={compensation} (error-aware compression)",
+                               "it refits JACTUS's own layers from calibrated inputs"),
+                              (share_bases, "share_bases=True", "shared input bases are JACTUS's own layers, planned "
+                                                                "from calibrated groups")):
+        if used and conflict:
+            raise ValueError(f"{option} does not combine with {conflict}: {why}")
     _check_arguments(model, budgets, allocator, scope, rank_multiple, rho, weight_basis, stats_mode, damping,
                      energy, stats_dtype, compute_dtype, eig_method, head_names)
     cache_bound = parse_bytes(stats_cache_max_bytes, "stats_cache_max_bytes")
@@ -249,8 +249,7 @@ def compress_model(
         groups = (first_batch_input_groups(model, modules, batches, loss_fn, device) if need_stats
                   else [[n] for n in modules])
     shared = shared_basis_groups(groups, share_bases)
-    leader_of = {group[0]: group for group in shared}
-    in_shared = {name for group in shared for name in group}
+    sharing = {name: group for group in shared for name in group}
     passes = split_passes(groups, modules, need_gradients, max_stats_bytes if need_stats else None, stats_dtype)
     if compensation is not None and len(passes) > 1:
         raise ValueError(f"compensation={compensation} (error-aware compression) keeps every target's gradient "
@@ -296,13 +295,10 @@ def compress_model(
         with clock("phase1_spectra"):
             for group in pass_groups:
                 for name in group:
-                    if name in leader_of:
-                        spectra[name] = decompositions.group_spectrum(
-                            leader_of[name], [modules[member].weight for member in leader_of[name]],
-                            keep=kept and weight_basis == "whitened")
-                    elif name not in in_shared:
-                        spectra[name] = decompositions.spectrum(name, modules[name].weight,
-                                                                keep=kept and weight_basis == "whitened")
+                    values = unit_spectrum(decompositions, name, modules, sharing,
+                                           keep=kept and weight_basis == "whitened")
+                    if values is not None:
+                        spectra[name] = values
                     bar.update()
                 decompositions.release(group, keep_svd=True)
         if not kept:
