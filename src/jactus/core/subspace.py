@@ -195,6 +195,11 @@ def spectrum(weight: torch.Tensor, metric: Metric, layer: str = "?") -> torch.Te
     return whitened_svd(weight, metric, layer, vectors=False).values
 
 
+def _floored_inverse(s: torch.Tensor) -> torch.Tensor:
+    """`1 / s` for descending singular values, each floored at `eps * s_max`: directions with s ~ 0 stay finite."""
+    return 1 / s.clamp_min(max(float(s[0]) * torch.finfo(s.dtype).eps, torch.finfo(s.dtype).tiny))
+
+
 def _unwhiten(vectors: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
     """`L^{-T} vectors`: a whitened-space direction mapped back to the original space."""
     if factor is None:
@@ -214,9 +219,7 @@ def weight_bases(weight: torch.Tensor, metric: Metric, svd: WhitenedSVD,
     if svd.gram_vectors is None:
         raise ValueError(f"layer {layer!r}: the whitened SVD was computed without vectors")
     W = weight.detach().to(metric.dtype)
-    s = svd.values
-    floor = max(float(s[0]) * torch.finfo(s.dtype).eps, torch.finfo(s.dtype).tiny)
-    inverse = 1 / s.clamp_min(floor)
+    inverse = _floored_inverse(svd.values)
     if svd.side == "input":
         factor = metric.input_factor
         right = _unwhiten(svd.gram_vectors, factor)
@@ -358,8 +361,7 @@ def _shared_input_directions(weights: list[torch.Tensor], metrics: list[Metric],
     if svd.side == "input":
         return _unwhiten(svd.gram_vectors, input_factor)
     # V_M = M^T U_M / s, so Lx^{-T} V_M = (sum_i W_i^T Lg_i U_M,i) / s
-    s = svd.values
-    inverse = 1 / s.clamp_min(max(float(s[0]) * torch.finfo(s.dtype).eps, torch.finfo(s.dtype).tiny))
+    inverse = _floored_inverse(svd.values)
     blocks = torch.split(svd.gram_vectors, [weight.shape[0] for weight in weights])
     right = sum(weight.detach().to(metric.dtype).T @ (block if metric.grad is None else metric.grad_factor @ block)
                 for weight, metric, block in zip(weights, metrics, blocks, strict=True))
@@ -405,11 +407,8 @@ def factorize_group(weights: list[torch.Tensor], metrics: list[Metric], rank: in
         SxV = V if basis_metric.input_cov is None else basis_metric.input_cov @ V
         B = torch.cholesky_solve((W @ SxV).T, torch.linalg.cholesky(V.T @ SxV)).T  # W Sx V (V^T Sx V)^{-1}
         SgB = B if basis_metric.grad_cov is None else basis_metric.grad_cov @ B
-        gram = B.T @ SgB
-        values, Q = torch.linalg.eigh((gram + gram.T) / 2)
-        s = values.flip(-1).clamp_min(0).sqrt()
-        inverse = 1 / s.clamp_min(max(float(s[0]) * torch.finfo(s.dtype).eps, torch.finfo(s.dtype).tiny))
-        out_dirs = (B @ Q.flip(-1)) * inverse
+        s, Q = _gram_svd(B.T @ SgB, "Gram matrix of the shared-basis map", layer, vectors=True)
+        out_dirs = (B @ Q) * _floored_inverse(s)
         U = _with_task_directions(out_dirs, metric.grad, min(rank, W.shape[0]), rho, eig_method)
         core = projected_core(weight, U, V, metric)
         check_finite(core, "projected core", layer)
