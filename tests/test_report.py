@@ -490,3 +490,101 @@ def test_item_counts_are_missing_where_the_cell_is(tmp_path):
     assert count_text(table, "taco@0.8", "fashion") == "10 x 1"
     assert count_text(table, "taco@0.8", "mnist") == count_text(table, "taco@0.8", "Avg.") == "—"
     assert count_text(table, "lora", "Avg.") == "20 x 1"
+
+
+def _curve_run(root, name, *, method, seed, correct, budget=None, unit=None):
+    """A run on two tasks x 40 items whose item `i` of each task is right where `correct(i)` holds."""
+    records = [(task, index, correct(index)) for task in ("piqa", "boolq") for index in range(40)]
+    accs = {task: 100.0 * sum(c for t, _, c in records if t == task) / 40 for task in ("piqa", "boolq")}
+    nlls = {task: 2.0 - accs[task] / 50 for task in accs}  # an item's nll: 0 where right, 2 where wrong
+    metrics = {"test/acc": sum(accs.values()) / 2, **{f"test/acc_{t}": a for t, a in accs.items()},
+               "test/nll": sum(nlls.values()) / 2, **{f"test/nll_{t}": v for t, v in nlls.items()}}
+    _write(root, name, method=method, data="commonsense8", seed=seed, budget=budget, ratio=budget or 1.0,
+           model="llama", metrics=metrics)
+    if unit is not None:
+        path = root / name / "summary.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "budget_unit": unit}))
+    from jactus.summary import write_items
+
+    write_items(root / name, [{"split": "test", "task": task, "index": index, "correct": correct,
+                               "nll": 0.0 if correct else 2.0} for task, index, correct in records])
+
+
+def test_budget_curves_say_where_each_method_meets_the_reference_and_which_is_best(tmp_path):
+    """lora is right on the even items; jactus equals it at 0.6 and 0.9 but loses 8 of its items a task at 0.8 (so it
+    meets lora from 0.9 only: a budget that touches zero below a measured loss is no crossing); taco (bytes) at 0.8
+    gets 4 more items a task than lora."""
+    root = tmp_path / "curves"
+    even = lambda i: i % 2 == 0  # noqa: E731
+    for seed in (0, 1):
+        _curve_run(root, f"lora/s{seed}", method="lora", seed=seed, correct=even)
+        for budget in (0.6, 0.9):
+            _curve_run(root, f"j{budget}/s{seed}", method="jactus", seed=seed, budget=budget, correct=even)
+        _curve_run(root, f"j0.8/s{seed}", method="jactus", seed=seed, budget=0.8,
+                   correct=lambda i: even(i) and i >= 16)
+        _curve_run(root, f"t0.8/s{seed}", method="taco", seed=seed, budget=0.8, unit="bytes",
+                   correct=lambda i: even(i) or i < 8)
+    out = tmp_path / "out"
+    rep = report.write_report(root, out, curves=["lora"], resamples=200)
+    (curve,) = rep.curves
+    assert curve.rows == {"jactus": {0.9: "jactus@0.9", 0.8: "jactus@0.8", 0.6: "jactus@0.6"},
+                          "taco (bytes)": {0.8: "taco@0.8 (bytes)"}}
+    assert curve.crossing("jactus") == (0.9, True) and curve.crossing("taco (bytes)") == (0.8, True)
+    assert curve.meets("jactus@0.6") == (True, True) and curve.meets("jactus@0.8") == (False, True)
+    assert curve.best[0.8] == ("taco (bytes)", "jactus") and curve.best[0.6] == ("jactus", None)
+    gap = curve.gaps.intervals[("taco@0.8 (bytes)", "jactus@0.8", "Avg.")]
+    assert gap.observed == pytest.approx(30.0) and gap.low > 0  # +10 points over lora, jactus 20 under
+    markdown = (out / "report.md").read_text()
+    assert "### Budget curves against lora (Avg.)" in markdown
+    assert "| jactus | 50.00 (+0.00 [+0.00, +0.00]) | 30.00 (-20.00 [" in markdown
+    assert "Meets lora (the interval of the gap reaches zero, at that budget and every larger one run): jactus from " \
+           "0.9; taco (bytes) from 0.8." in markdown
+    assert "- 0.8: taco (bytes): +30.00 ± 0.00 [" in markdown and "- 0.6: jactus (alone)" in markdown
+    records = pd.read_csv(out / "curves.csv")
+    assert len(records) == 4 and records["meets_from"].tolist() == [0.9, 0.9, 0.9, 0.8]
+    assert records.set_index("row").loc["jactus@0.8", "gap"] == pytest.approx(-20.0)
+    # a loss: the lowest is the best, a gap in the line's favour is negative
+    nll = report.write_report(root, tmp_path / "nll", metric="test/nll", curves=["lora"], resamples=200).curves[0]
+    assert nll.crossing("jactus") == (0.9, True) and nll.crossing("taco (bytes)") == (0.8, True)
+    assert nll.meets("jactus@0.8") == (False, True) and nll.best[0.8] == ("taco (bytes)", "jactus")
+    assert nll.gaps.gap("taco@0.8 (bytes)", "lora", "Avg.") == pytest.approx(-0.2)
+
+
+@pytest.mark.parametrize("reference, message", [("dora", "is a row of no table"),
+                                                ("jactus@0.8", "the reference is a row without a budget")])
+def test_budget_curves_need_a_dense_reference_row(reference, message, tmp_path, capsys):
+    root = tmp_path / "c"
+    for name, method, budget in (("l", "lora", None), ("j", "jactus", 0.8)):
+        _curve_run(root, name, method=method, seed=0, budget=budget, correct=lambda i: i % 2 == 0)
+    assert report.main([str(root), "--out", str(tmp_path / "out"), "--curves", reference]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "lora" in err
+
+
+def test_average_panels_draw_one_panel_per_table_with_dense_rows_as_reference_lines(sweep, tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    drawn = {"panels": 0, "references": []}
+    original_subplots, original_axhline = report.plots._figure, Axes.axhline
+
+    def figure(width, height):
+        fig = original_subplots(width, height)
+        subplots = fig.subplots
+
+        def counting(nrows=1, ncols=1, **kwargs):
+            drawn["panels"] = max(drawn["panels"], nrows * ncols)
+            return subplots(nrows, ncols, **kwargs)
+
+        fig.subplots = counting
+        return fig
+
+    def axhline(self, y=0, *args, **kwargs):
+        drawn["references"].append((kwargs.get("label"), y))
+        return original_axhline(self, y, *args, **kwargs)
+
+    monkeypatch.setattr(report.plots, "_figure", figure)
+    monkeypatch.setattr(Axes, "axhline", axhline)
+    assert report.main([str(sweep), "--out", str(tmp_path / "out"), "--panels", "average"]) == 0
+    assert drawn["panels"] == 1 and drawn["references"] == [("lora", 86.0)]  # lora's average; jactus is a curve
+    with pytest.raises(SystemExit):
+        report.main([str(sweep), "--panels", "tasks"])

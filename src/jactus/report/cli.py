@@ -10,7 +10,8 @@ Writes to `--out` (default: the first sweep dir):
                       once counts once, as the mean of its runs), "—" where no run
                       exists, "failed" where every run failed; the best mean of each column in bold.
   results.csv         long format: one row per (run, column), failed runs included with an empty value.
-  acc_vs_params.png   accuracy against retained parameters (%), one panel per column, one line per method.
+  acc_vs_params.png   accuracy against retained parameters (%), one panel per column (`--panels average`: the
+                      average alone), one line per method; rows without a budget (dense methods) as dashed lines.
   acc_vs_bytes.png    the same against the deployed model's stored bytes (% of the dense model's), where runs record
                       them (summary.json's bytes_ratio).
   acc_vs_latency.png  with `--latency BENCH_JSON`: the same against the deployed format's measured latency (% of the
@@ -35,6 +36,12 @@ Writes to `--out` (default: the first sweep dir):
                       N paired items per seed and S seeds; gaps.csv adds ci_low, ci_high, ci_gap (the paired gap the
                       interval is about), ci_seeds, ci_items. Runs without per-item results (older runs) are listed
                       under the gaps and take no part; no interval is invented for them.
+  curves.csv          with `--curves REF` (repeatable; REF a row without a budget, e.g. lora): per table a "Budget
+                      curves" section in report.md: every method line (a row label without its "@budget") on the
+                      average column at each budget it ran, its gap to REF with the paired bootstrap interval (as
+                      --gaps), the budget from which each line meets REF (the interval reaches zero there and at every
+                      larger budget run) and the best line at each budget with its gap to the runner-up
+                      (`jactus.report.curves`); curves.csv holds the same in long format.
   items               for --metric <split>/acc or <split>/nll: under each table, the items each cell holds ("150 x
                       3": items per seed x seeds; "?" where a run has no items file), or a note that no run of the
                       table has per-item results.
@@ -57,6 +64,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..summary import ITEMS_FILE
+from .curves import Curves, build_curves
 from .gaps import (  # noqa: F401
     GapsError,
     GapTable,
@@ -78,6 +86,7 @@ from .load import (  # noqa: F401
     split_values,
 )
 from .plots import (  # noqa: F401
+    PANELS,
     plot_acc_vs_params,
     plot_rank_heatmap,
 )
@@ -96,6 +105,7 @@ class Report:
     files: dict[str, Path]
     gaps: list[GapTable] = field(default_factory=list)  # one per table when gaps were asked for
     repeated: list[str] = field(default_factory=list)  # `repeated_seeds` of the frame
+    curves: list[Curves] = field(default_factory=list)  # per table and --curves reference it has
 
 
 def repeated_seeds(frame: pd.DataFrame) -> list[str]:
@@ -116,14 +126,16 @@ def repeated_seeds(frame: pd.DataFrame) -> list[str]:
 
 def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: list[str] = (),
                  split_by: list[str] = (), resamples: int = 1000, level: float = 0.95,
-                 latency: str | Path | None = None, latency_measure: str | None = None) -> Report:
+                 latency: str | Path | None = None, latency_measure: str | None = None,
+                 curves: list[str] = (), panels: str = "all") -> Report:
     """Read the summaries under `dirs` and write report.md, results.csv and the plots to `out`.
 
     `gaps`: "REF:OTHER[,OTHER...]" specs (see the module docstring); they also write gaps.csv. `split_by`: keys whose
     values split a method's row (e.g. ["lr"] for a learning-rate search), labels like "lora (lr=0.001)".
     `resamples`, `level`: the gaps' paired bootstrap (where the runs wrote per-item results). `latency`: a bench JSON
     of the deployed formats' speed (`report.latency`), which adds acc_vs_latency.png (`latency_measure`: which
-    measure, default prefill_b8 where measured).
+    measure, default prefill_b8 where measured). `curves`: reference rows (e.g. ["lora"]) for the budget curves
+    section and curves.csv (`report.curves`). `panels`: "all" (a panel per column and the average) or "average".
     """
     specs = [parse_gaps(spec) for spec in gaps]
     measured = load_latency(latency, latency_measure) if latency is not None else None
@@ -135,11 +147,19 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
     frame = results_frame(summaries, metric)
     tables = build_tables(frame, digits)
     gap_tables = [build_gaps(table, specs, resamples, level) for table in tables] if specs else []
+    absent = [reference for reference in curves if not any(reference in table.rows for table in tables)]
+    if absent:
+        raise GapsError(f"--curves: {', '.join(map(repr, absent))} is a row of no table; the rows: "
+                        f"{', '.join(dict.fromkeys(row for table in tables for row in table.rows))}")
+    curve_sets = [[build_curves(table, reference, resamples, level) for reference in curves
+                   if reference in table.rows] for table in tables]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"csv": out / "results.csv", "acc_vs_params": plot_acc_vs_params(tables, out / "acc_vs_params.png", metric)}
+    files = {"csv": out / "results.csv", "acc_vs_params": plot_acc_vs_params(tables, out / "acc_vs_params.png", metric,
+                                                                         panels=panels)}
     if any(ratio is not None for table in tables for ratio in table.bytes_ratio.values()):
-        files["acc_vs_bytes"] = plot_acc_vs_params(tables, out / "acc_vs_bytes.png", metric, x="bytes")
+        files["acc_vs_bytes"] = plot_acc_vs_params(tables, out / "acc_vs_bytes.png", metric, x="bytes",
+                                                    panels=panels)
     unmeasured: list[str] = []
     if measured is not None:
         measure, speed = measured
@@ -148,12 +168,16 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
         unmeasured = [row for row, value in by_row.items() if value is None]
         files["acc_vs_latency"] = plot_acc_vs_params(
             tables, out / "acc_vs_latency.png", metric, x="latency", latency=by_row,
-            x_label=f"latency, {measure} (% of the dense model's time)")
+            x_label=f"latency, {measure} (% of the dense model's time)", panels=panels)
     frame.to_csv(files["csv"], index=False)
     if gap_tables:
         files["gaps"] = out / "gaps.csv"
         records = [record for gap_table in gap_tables for record in gap_table.to_records()]
         pd.DataFrame.from_records(records).to_csv(files["gaps"], index=False)
+    if curves:
+        files["curves"] = out / "curves.csv"
+        records = [record for sets in curve_sets for curve in sets for record in curve.to_records()]
+        pd.DataFrame.from_records(records).to_csv(files["curves"], index=False)
     heatmap = plot_rank_heatmap(summaries, out / "rank_heatmap.png")
     if heatmap is not None:
         files["rank_heatmap"] = heatmap
@@ -181,6 +205,12 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
             if gap_table.without_items:
                 lines += [f"No per-item results ({ITEMS_FILE}) for: {', '.join(gap_table.without_items)}; these "
                           f"runs take no part in the intervals.", ""]
+        for curve in curve_sets[index]:
+            lines += [f"### Budget curves against {curve.reference} ({AVERAGE})", "",
+                      f"Each method line's mean at each budget (gap to {curve.reference}, {100 * level:g}% paired "
+                      f"bootstrap interval as in the gaps).", "", curve.to_markdown(), ""]
+        if curves and not curve_sets[index]:
+            lines += [f"No budget curves: no row {', '.join(map(repr, curves))} in this table.", ""]
     lines += ["## Plots", "", "![accuracy vs retained parameters](acc_vs_params.png)", ""]
     if "acc_vs_bytes" in files:
         lines += ["![accuracy vs deployed bytes](acc_vs_bytes.png)", ""]
@@ -202,7 +232,8 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
         lines += ["## Unreadable summaries", "", *[f"- {item}" for item in unreadable], ""]
     files["report"] = out / "report.md"
     files["report"].write_text("\n".join(lines))
-    return Report(summaries, frame, tables, files, gap_tables, repeated)
+    return Report(summaries, frame, tables, files, gap_tables, repeated,
+                  [curve for sets in curve_sets for curve in sets])
 
 
 def _items_section(table: ResultTable) -> list[str]:
@@ -260,12 +291,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-measure", default=None,
                         help="which measure of --latency (prefill_b1, prefill_b8, decode_b1, images_b8; default "
                              "prefill_b8 where measured)")
+    parser.add_argument("--curves", action="append", default=[], metavar="REF",
+                        help="budget curves of every compressing method against the row REF (e.g. lora): where "
+                             "each meets it, the best at each budget, curves.csv; repeatable")
+    parser.add_argument("--panels", choices=PANELS, default="all",
+                        help="the figures' panels: one per column and the average (all), or the average alone")
     parser.add_argument("--wandb", action="store_true", help="log the table and plots to W&B (WANDB_MODE honoured)")
     parser.add_argument("--wandb-project", default="jactus")
     args = parser.parse_args(argv)
     try:
         report = write_report(args.sweep_dirs, args.out or args.sweep_dirs[0], args.metric, args.digits, args.gaps,
-                              args.split_by, args.resamples, args.level, args.latency, args.latency_measure)
+                              args.split_by, args.resamples, args.level, args.latency, args.latency_measure,
+                              args.curves, args.panels)
     except (FileNotFoundError, GapsError, LatencyError) as err:
         print(f"jactus-report: {err}", file=sys.stderr)
         return 1
@@ -276,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nGaps\n{report.gaps[index].to_markdown()}")
             if report.gaps[index].without_items:
                 print(f"no per-item results for: {', '.join(report.gaps[index].without_items)}")
+    for curve in report.curves:
+        print(f"\nBudget curves against {curve.reference} ({curve.table.title})\n{curve.to_markdown()}")
     if report.repeated:
         print("\nseeds run more than once (each counts once, as the mean of its runs):\n" + "\n".join(report.repeated))
     print("\nwrote " + ", ".join(str(path) for path in report.files.values()))

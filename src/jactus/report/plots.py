@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
+from .curves import BUDGET
 from .load import (  # noqa: F401
     AVERAGE,
     row_label,
@@ -28,19 +28,28 @@ X_AXES = {"params": "retained parameters (%)", "bytes": "deployed bytes (% of th
           "latency": "latency (% of the dense model's time)"}
 
 
+PANELS = ("all", "average")  # every column and the average, or the average alone
+
+
 def plot_acc_vs_params(tables: list[ResultTable], path, metric: str = "test/acc", x: str = "params",
-                       latency: dict[str, float] | None = None, x_label: str | None = None) -> Path:
+                       latency: dict[str, float] | None = None, x_label: str | None = None,
+                       panels: str = "all") -> Path:
     """One panel per (table, column incl. the average): accuracy against retained parameters (`x="params"`), the
     deployed model's stored bytes (`x="bytes"`: rows whose runs record them) or its measured latency (`x="latency"`:
-    `latency`, row label -> % of the dense model's time), a line per method."""
+    `latency`, row label -> % of the dense model's time), a line per method; rows without a budget (dense methods)
+    as dashed reference lines with their std band. `panels="average"`: the average column alone (one panel per
+    table)."""
+    if panels not in PANELS:
+        raise ValueError(f"panels={panels!r}: expected one of {list(PANELS)}")
     if x not in X_AXES:
         raise ValueError(f"x={x!r}: expected one of {list(X_AXES)}")
     if x == "latency" and latency is None:
         raise ValueError("x='latency' needs latency= (row label -> % of the dense model's time)")
     import matplotlib
 
-    panels = [(table, column) for table in tables for column in [*table.columns, AVERAGE]]
-    lines = list(dict.fromkeys(re.sub(r"@[0-9.eE+-]+", "", row) for table in tables for row in table.rows))
+    panels = [(table, column) for table in tables
+              for column in ([*table.columns, AVERAGE] if panels == "all" else [AVERAGE])]
+    lines = list(dict.fromkeys(BUDGET.sub("", row) for table in tables for row in table.rows))
     colors = matplotlib.colormaps["tab10" if len(lines) <= 10 else "tab20"].colors
     markers = "osD^vP*X"
 
@@ -55,8 +64,14 @@ def plot_acc_vs_params(tables: list[ResultTable], path, metric: str = "test/acc"
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax, (table, column) in zip(axes.flat, panels, strict=False):
         series: dict[str, list[tuple[float, float, float]]] = {}
+        references: list[tuple[str, float, float]] = []
         for row in table.rows:
             cell = table.cell(row, column)
+            if cell.mean is not None and BUDGET.search(row) is None:
+                # a dense method (LoRA, DoRA, full fine-tuning): one model, not a curve; a reference line across
+                # the panel, its band the std over seeds
+                references.append((row, cell.mean, cell.std or 0.0))
+                continue
             if x == "latency":
                 position = latency.get(row)
             else:
@@ -64,12 +79,17 @@ def plot_acc_vs_params(tables: list[ResultTable], path, metric: str = "test/acc"
                 position = None if ratio is None else 100 * ratio
             if cell.mean is None or position is None:
                 continue
-            line = re.sub(r"@[0-9.eE+-]+", "", row)  # one line per method (and --split-by values) across budgets
+            line = BUDGET.sub("", row)  # one line per method (and --split-by values) across budgets
             series.setdefault(line, []).append((position, cell.mean, cell.std or 0.0))
         for method, points in series.items():
             points.sort()
             xs, ys, errs = zip(*points, strict=True)
             ax.errorbar(xs, ys, yerr=errs, capsize=2, label=method, **style(method))
+        for row, mean, std in references:
+            color = style(row)["color"]
+            ax.axhline(mean, color=color, linestyle="--", linewidth=1, label=row)
+            if std:
+                ax.axhspan(mean - std, mean + std, color=color, alpha=0.12, linewidth=0)
         ax.set_title(column if len(tables) == 1 else f"{column} · {table.title}", fontsize=9)
         ax.set_xlabel(x_label or X_AXES[x], fontsize=8)
         ax.set_ylabel(metric, fontsize=8)

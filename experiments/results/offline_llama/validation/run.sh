@@ -21,6 +21,11 @@
 # experiment's default); the shared stage asks for sharing explicitly.
 # shared (issue 27 item 1): gate/up sharing one input basis (method.share_bases=[gate_proj,up_proj]) at 0.8, 0.9 and
 # 0.6, and plain JACTUS at 0.6 beside it (plain 0.8 and 0.9 are the grid's r0_c512 and item5's b0.9 runs).
+# curves (issue 28 item 3): JACTUS (the experiment's defaults: gate/up sharing; 0.6, 0.8 and 0.9 are the shared stage's
+# runs), compress-then-adapt (the table's SVD-LLM + LoRA) and TACO at budgets 0.5-0.95 of the deployed bytes, and DoRA
+# at 1.0 beside the item5 stage's LoRA. TACO's budget counts bytes (its CSR indices make it the stricter unit); the
+# low-rank methods' counts parameters, which for them is the same thing (every factor is stored in the backbone's
+# dtype: the runs' bytes_ratio equals their params_ratio), so their rows keep the labels of the earlier runs.
 # layer_damage (item 5): no training; the seed-0/1 JACTUS@0.8 start with each kind of target restored dense
 # (layer_damage.py), and the allocation tilted by seed 0's measured/proxy ratios (+kind_scale), on seeds 1 and 0.
 set -u
@@ -101,6 +106,20 @@ sbmlp_b0.6_r0_c512_s0 'method.share_bases=[gate_proj,up_proj]' budget.ratio=0.6 
 b0.6_r0_c512_s1 budget.ratio=0.6 seed=1
 sbmlp_b0.6_r0_c512_s1 'method.share_bases=[gate_proj,up_proj]' budget.ratio=0.6 seed=1
 JOBS
-  *) echo "unknown stage ${1}: expected grid, followup, item5, core_dropout, taco, tunecomp, shared or layer_damage" >&2
+  curves)  # issue 28 item 3: every compressing method at budgets 0.5-0.95 in deployed bytes, DoRA beside LoRA at 1.0
+    # one TACO run (about 20 min) beside the shorter low-rank runs, interleaved so both slots stay busy
+    short=() taco=()
+    for b in 0.8 0.5 0.6 0.9 0.95 0.7; do for seed in 0 1; do
+      short+=("cta_b${b}_s$seed variant=compress_then_adapt_0.8 budget.ratio=$b seed=$seed")
+      [ -d experiments/results/offline_llama/validation/runs/sbmlp_b${b}_r0_c512_s$seed ] || [ $b = 0.8 ] ||
+        short+=("sbmlp_b${b}_r0_c512_s$seed 'method.share_bases=[gate_proj,up_proj]' budget.ratio=$b seed=$seed")
+    done; done
+    short+=("dora_s0 variant=dora seed=0" "dora_s1 variant=dora seed=1")
+    for b in 0.8 0.6 0.9 0.5 0.95 0.7; do for seed in 0 1; do
+      taco+=("taco_bytes_b${b}_s$seed variant=taco_0.8 budget.ratio=$b budget.unit=bytes seed=$seed")
+    done; done
+    for i in "${!short[@]}"; do echo "${short[$i]}"; [ -z "${taco[$((i / 2))]:-}" ] || [ $((i % 2)) = 1 ] || echo "${taco[$((i / 2))]}"; done
+    for t in "${taco[@]:$(( (${#short[@]} + 1) / 2 ))}"; do echo "$t"; done ;;
+  *) echo "unknown stage ${1}: expected grid, followup, item5, core_dropout, taco, tunecomp, shared, curves or layer_damage" >&2
      exit 2 ;;
 esac | experiments/results/run_jobs.sh
