@@ -53,6 +53,7 @@ from .decompositions import Decompositions
 from .error_aware import check_compensation, sequential_build, target_blocks
 from .factorize import build_layers, install_layers
 from .linalg import COMPUTE_DTYPES, DEFAULT_DAMPING, EIG_METHODS, check_choice
+from .measured import check_measure_step, measure_factors, scaled_spectra
 from .modes import module_modes, restore_modes
 from .progress import progress_bar
 from .stats_cache import StatsCache, batches_digest, model_digest, stats_key
@@ -164,6 +165,8 @@ def compress_model(
     stats_cache_max_bytes: int | str | None = None,
     share_bases: bool | Sequence[str] = False,
     compensation: float | None = None,
+    measure_batches: Iterable | None = None,
+    measure_step: int = 32,
 ) -> tuple[nn.Module, RankPlan] | list[tuple[nn.Module, RankPlan]]:
     """Compress `model` to `budget` in bounded memory (module docstring) -> `(model, plan)`, the model changed in
     place with the freeze policy of `factorize(freeze=True)`.
@@ -210,6 +213,12 @@ def compress_model(
     inputs the compressed blocks before them produce, fitting `lam W x + (1 - lam) W x'` from `x'` with `lam =
     compensation`. It keeps the gradient covariances of every target until its block is built, so the statistics
     must fit one pass (`max_stats_bytes`); not with `nested` or `build_layer`.
+
+    `measure_batches` (None: the proxy's plan): measured gains (`core.measured`, docs/METHOD.md section 4.2). Each
+    budget's marginal-gain plan is made, then every allocation unit is measured alone on these held-out batches at
+    its planned rank and `measure_step` ranks more, and the plan is made again from the spectra scaled by the
+    measured/proxy ratios; `jactus_compress_stats["measured"]` holds them per budget. The statistics must fit one
+    pass; not with `nested`, `build_layer`, `stats_mode="none"` or another allocator.
     """
     single = not isinstance(budget, (list, tuple))
     budgets = [budget] if single else list(budget)
@@ -222,6 +231,13 @@ def compress_model(
                                                                 "from calibrated groups")):
         if used and conflict:
             raise ValueError(f"{option} does not combine with {conflict}: {why}")
+    if measure_batches is not None:
+        measure_step = check_measure_step(measure_step, rank_multiple)
+        if conflict or allocator != "marginal_gain" or energy is not None:
+            raise ValueError(f"measure_batches (measured gains) calibrate the marginal-gain allocator's proxy on "
+                             f"JACTUS's own layers; not with {conflict or f'allocator={allocator!r}'}")
+        if iter(measure_batches) is measure_batches:
+            raise ValueError("measure_batches is read once per unit; pass a list, not an iterator")
     _check_arguments(model, budgets, allocator, scope, rank_multiple, rho, weight_basis, stats_mode, damping,
                      energy, stats_dtype, compute_dtype, eig_method, head_names)
     cache_bound = parse_bytes(stats_cache_max_bytes, "stats_cache_max_bytes")
@@ -251,6 +267,10 @@ def compress_model(
     shared = shared_basis_groups(groups, share_bases)
     sharing = {name: group for group in shared for name in group}
     passes = split_passes(groups, modules, need_gradients, max_stats_bytes if need_stats else None, stats_dtype)
+    if measure_batches is not None and len(passes) > 1:
+        raise ValueError(f"measure_batches (measured gains) build every unit from the statistics of one pass; "
+                         f"max_stats_bytes={max_stats_bytes} splits them into {len(passes)}: raise it or set it to "
+                         f"null")
     if compensation is not None and len(passes) > 1:
         raise ValueError(f"compensation={compensation} (error-aware compression) keeps every target's gradient "
                          f"covariance until its block is rebuilt, so the statistics must fit one pass; "
@@ -312,6 +332,18 @@ def compress_model(
                            spectra={name: spectra[name] for name in modules if name in spectra}, nested=nested,
                            shared=shared)
         plans = plans if isinstance(plans, list) else [plans]
+    measured: list[dict] = []
+    if measure_batches is not None:
+        with clock("measure"):
+            units = {name: spectra[name] for name in modules if name in spectra}
+            for index, plan in enumerate(plans):
+                measured.append(measure_factors(
+                    model, modules, units, plan, decompositions, measure_batches, loss_fn, step=measure_step,
+                    rho=rho, weight_basis=weight_basis, shared=shared, device=device, progress=progress))
+                plans[index] = plan_ranks(model, None, plan.budget, allocator=allocator, scope=scope,
+                                          rank_multiple=rank_multiple, stats_mode=stats_mode, damping=damping,
+                                          spectra=scaled_spectra(units, measured[-1]), shared=shared)
+    with clock("plan"):
         if distributed():  # rank 0 decides: a floating-point tie broken differently must not change a layer's shape
             plans = [RankPlan.from_dict(entry) for entry in broadcast_object([plan.to_dict() for plan in plans])]
     # nested: one model, each layer at the largest rank any plan gives it (None: dense in every plan)
@@ -381,6 +413,8 @@ def compress_model(
             "peak_stats_bytes": peak_stats_bytes, "stats_dtype": str(stats_dtype).replace("torch.", ""),
             "stages_s": {stage: round(seconds, 4) for stage, seconds in clock.seconds.items()},
             "fp64_fallbacks": fallbacks}
+    if measured:
+        info["measured"] = {str(plan.budget): entries for plan, entries in zip(plans, measured, strict=True)}
     if cache is not None:
         info["stats_cache"] = {"dir": str(cache.directory), "hits": cache.hits, "misses": cache.misses,
                                "evicted": list(cache.evicted)}

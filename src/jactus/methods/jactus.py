@@ -12,6 +12,7 @@ from ..core import ALLOCATORS, SCOPES, STATS_MODES, FactorizedLinear, compress_m
 from ..core.byte_budget import SPARSE_POSITION_BYTES, ByteBudget, check_unit
 from ..core.compact import attach_sparse_structure
 from ..core.error_aware import check_compensation
+from ..core.measured import check_measure_step
 from ..core.sparse import SparseDelta, sparse_index_bytes, top_support, uniform_nnz, weight_fisher
 from ..core.subspace import WEIGHT_BASES
 from .base import CalibSettings, MethodContext, check_budget, choice, register, train_cores
@@ -54,6 +55,11 @@ class Jactus(LowRankMethod):
     each block factorized from the inputs the compressed blocks before it produce, fitting `lam W x + (1 - lam) W x'`
     from `x'` (`compress_model(compensation=lam)`).
 
+    `measure_batches` > 0 (beyond the paper; default 0 = the proxy's plan; docs/METHOD.md section 4.2): measured
+    gains. That many calibration batches (the last ones) are held out of the statistics; each allocation unit is
+    scored on them factorized alone at its planned rank and `measure_step` ranks more, and the ranks are planned
+    again with each unit's proxy gains scaled by its measured/proxy ratio (`compress_model(measure_batches=)`).
+
     `core_dropout` > 0 (beyond the paper; default 0) regularises the cores as LoRA's dropout regularises its branch:
     in training, each core's change since the first step sees its input `V^T x` through dropout with that
     probability (`FactorizedLinear.anchor_core_dropout`; the start and the deployed model are unchanged). A resumed
@@ -83,8 +89,15 @@ class Jactus(LowRankMethod):
         unit: str = "params",
         share_bases: bool | Sequence[str] = False,
         compensation: float | None = None,
+        measure_batches: int = 0,
+        measure_step: int = 32,
     ):
         super().__init__()
+        if isinstance(measure_batches, bool) or not isinstance(measure_batches, int) or measure_batches < 0:
+            raise ValueError(f"method.measure_batches={measure_batches!r}: expected the number of calibration batches "
+                             f"held out to measure each unit's gain (0 = off, the proxy's plan; e.g. 8)")
+        self.measure_batches = measure_batches
+        self.measure_step = check_measure_step(measure_step, int(rank_multiple)) if measure_batches else measure_step
         self.unit = check_unit(unit)
         self.compensation = check_compensation(compensation, "method.compensation")
         if not isinstance(share_bases, bool) and not (isinstance(share_bases, (list, tuple)) and share_bases and all(
@@ -200,9 +213,18 @@ class Jactus(LowRankMethod):
     def compress(self, ctx: MethodContext, budget: float | list[float], **options):
         """The one compression driver with this method's options (`options`: further `compress_model` keywords):
         `(model, plan)`, or a list of them for a list of budgets (`jactus-compress`: one calibration for all)."""
+        batches, held_out = ctx.calibration_batches, None
+        if self.measure_batches:
+            batches = list(batches)
+            if self.measure_batches >= len(batches):
+                raise ValueError(f"method.measure_batches={self.measure_batches} holds out every one of the "
+                                 f"{len(batches)} calibration batches; hold out fewer, or calibrate on more items "
+                                 f"(calib.num_samples)")
+            batches, held_out = batches[:-self.measure_batches], batches[-self.measure_batches:]
+            options = {"measure_batches": held_out, "measure_step": self.measure_step, **options}
         return compress_model(
             ctx.model,
-            ctx.calibration_batches,
+            batches,
             ctx.loss_fn,
             budget,
             targets=self.targets,
@@ -244,6 +266,8 @@ class Jactus(LowRankMethod):
                                  "layers": len(self.sparse_nnz), "index_bytes_csr_int32": self.sparse_index_bytes}
         if summary and self.plan is not None and self.plan.shared:
             summary["shared_bases"] = self.plan.shared
+        if summary and self.measure_batches:
+            summary["measured_gains"] = {"batches": self.measure_batches, "step": self.measure_step}
         if summary and self.core_dropout:
             summary["core_dropout"] = self.core_dropout
         if summary and self.dense_adapter_r:
