@@ -28,6 +28,8 @@
 # dtype: the runs' bytes_ratio equals their params_ratio), so their rows keep the labels of the earlier runs.
 # pool (issue 27 item 3): JACTUS@0.8 (gate/up sharing) calibrated on 2048 items instead of 512: the 512 training items,
 # then each task's items outside every split in turn (data.module.calib_source=pool; no test or validation item).
+# measured (issue 27 item 2): JACTUS@0.8 (gate/up sharing) with measured gains: the last 8 of the 64 calibration
+# batches held out, each unit scored alone at its planned rank and 32 ranks more (method.measure_batches=8).
 # layer_damage (item 5): no training; the seed-0/1 JACTUS@0.8 start with each kind of target restored dense
 # (layer_damage.py), and the allocation tilted by seed 0's measured/proxy ratios (+kind_scale), on seeds 1 and 0.
 set -u
@@ -126,6 +128,10 @@ JOBS
 sbmlp_pool2048_s0 'method.share_bases=[gate_proj,up_proj]' calib.num_samples=2048 data.module.calib_source=pool seed=0
 sbmlp_pool2048_s1 'method.share_bases=[gate_proj,up_proj]' calib.num_samples=2048 data.module.calib_source=pool seed=1
 JOBS
-  *) echo "unknown stage ${1}: expected grid, followup, item5, core_dropout, taco, tunecomp, shared, curves, pool or layer_damage" >&2
+  measured) cat <<'JOBS' ;;
+sbmlp_meas8_s0 'method.share_bases=[gate_proj,up_proj]' method.measure_batches=8 seed=0
+sbmlp_meas8_s1 'method.share_bases=[gate_proj,up_proj]' method.measure_batches=8 seed=1
+JOBS
+  *) echo "unknown stage ${1}: expected grid, followup, item5, core_dropout, taco, tunecomp, shared, curves, pool, measured or layer_damage" >&2
      exit 2 ;;
 esac | experiments/results/run_jobs.sh
