@@ -16,12 +16,14 @@ import yaml
 KEYS = (("method", "method"), ("budget.ratio", "budget"), ("trainer.max_steps", "steps"), ("method.rho", "rho"),
         ("calib.num_samples", "calib"), ("calib.loss", "calib loss"), ("distill.weight", "distill"), ("lr", "lr"),
         ("method.dense_adapter_r", "dense-target LoRA r"), ("method.core_dropout", "core dropout"),
-        ("method.share_bases", "shared bases"), ("method.compensation", "compensation"))
+        ("method.share_bases", "shared bases"), ("method.compensation", "compensation"), ("budget.unit", "unit"),
+        ("data.module.calib_source", "calib source"), ("method.measure_batches", "measured gains"))
 
-COMPRESSING_ONLY = {"budget.ratio", "calib.num_samples"}  # any method with a budget (JACTUS, TACO, TuneComp)
+COMPRESSING_ONLY = {"budget.ratio", "calib.num_samples", "budget.unit", "data.module.calib_source"}  # any method with a budget (JACTUS, TACO, TuneComp)
 JACTUS_ONLY = {"method.rho", "calib.loss", "method.dense_adapter_r", "method.core_dropout", "method.share_bases",
-               "method.compensation"}
-DEFAULTS = {"calib.loss": "task", "method.dense_adapter_r": 0, "method.core_dropout": 0.0, "method.share_bases": False}
+               "method.compensation", "method.measure_batches"}
+DEFAULTS = {"calib.loss": "task", "method.dense_adapter_r": 0, "method.core_dropout": 0.0, "method.share_bases": False,
+            "budget.unit": "params", "data.module.calib_source": "train", "method.measure_batches": 0}
 
 
 def setting(run: Path, summary: dict) -> tuple:
