@@ -80,8 +80,27 @@ def test_non_positive_measurements_take_the_smallest_positive_factor(tiny_llama,
     monkeypatch.setattr(measured_module, "_loss_with", loss_with)
     monkeypatch.setattr(measured_module, "held_out_loss", lambda *args: 0.0)
     model, _ = _compress(tiny_llama, measure_batches=HELD_OUT, measure_step=32)
-    factors = [entry["factor"] for entry in model.jactus_compress_stats["measured"]["0.6"].values()]
+    entries = model.jactus_compress_stats["measured"]["0.6"].values()
+    factors = [entry["factor"] for entry in entries]
     assert min(factors) > 0 and len(set(factors)) > 1
+    positive = sorted(entry["raw_factor"] for entry in entries if entry["raw_factor"] > 0)
+    floor = max(positive[0], positive[len(positive) // 2] / measured_module.CLIP)  # the smallest factor used
+    assert all(entry["factor"] == floor for entry in entries if entry["raw_factor"] <= 0)
+    assert min(factors) == floor
+
+
+def test_outlying_factors_are_clipped_around_the_median(tiny_llama, monkeypatch):
+    calls = iter([1000.0] + [1.0] * 100)  # the first unit measured a thousand times the others
+    monkeypatch.setattr(measured_module, "_loss_with", lambda *args: next(calls))
+    monkeypatch.setattr(measured_module, "held_out_loss", lambda *args: 0.0)
+    model, _ = _compress(tiny_llama, measure_batches=HELD_OUT, measure_step=32)
+    entries = list(model.jactus_compress_stats["measured"]["0.6"].values())
+    raw = sorted(entry["raw_factor"] for entry in entries)
+    median = raw[len(raw) // 2]
+    first = entries[0]
+    assert first["raw_factor"] > measured_module.CLIP * median
+    assert first["factor"] == pytest.approx(measured_module.CLIP * median)
+    assert all(median / measured_module.CLIP <= entry["factor"] <= measured_module.CLIP * median for entry in entries)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -14,7 +14,9 @@ restoring it dense recovers) is not, and tilting the plan by such levels made th
 Costs two held-out evaluations per unit (one where the step reaches dense: the dense loss is measured once) and a
 second decomposition of every unit (the measurement releases what it builds). A measured gain at or below zero
 (noise: the step made no measurable difference) gets the smallest positive factor measured, so no unit's
-spectrum vanishes from the plan.
+spectrum vanishes from the plan; and the factors are clipped to within `CLIP` of their median (decision: a unit
+whose proxy gain over the step is tiny, such as a small `k_proj`, gets a ratio that is mostly the held-out loss's
+noise, and one such ratio must not make a unit dense at the others' expense). Each entry keeps the raw ratio.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from .decompositions import Decompositions
 from .factorize import build_layers
 from .modes import module_modes, restore_modes
 from .progress import progress_bar
+
+CLIP = 10.0  # the used factors lie within [median / CLIP, median * CLIP] of the raw positive ones
 
 
 def check_measure_step(step: int, rank_multiple: int) -> int:
@@ -104,14 +108,17 @@ def measure_factors(model: nn.Module, modules: Mapping[str, nn.Linear], spectra:
         high_loss = _loss_with(model, built[1], batches, loss_fn, device) if high else dense_loss
         measured = low_loss - high_loss
         out[name] = {"rank": low, "next": high, "measured": measured, "proxy": proxy,
-                     "factor": measured / proxy if proxy > 0 else math.nan}
+                     "factor": measured / proxy if proxy > 0 else None}
         bar.update()
     bar.close()
-    positive = [entry["factor"] for entry in out.values() if entry["factor"] > 0]
-    floor = min(positive) if positive else 1.0
+    positive = sorted(entry["factor"] for entry in out.values() if entry["factor"] is not None and entry["factor"] > 0)
+    median = positive[len(positive) // 2] if positive else 1.0
+    low, high = max(positive[0] if positive else 1.0, median / CLIP), median * CLIP
     for entry in out.values():
-        if not entry["factor"] > 0:  # noise (or a step with no proxy gain): the smallest measured factor
-            entry["factor"] = floor
+        entry["raw_factor"] = entry["factor"]
+        # noise (or a step with no proxy gain): the smallest factor used; outliers clipped (module docstring)
+        raw = entry["factor"]
+        entry["factor"] = min(max(raw, low), high) if raw is not None and raw > 0 else low
     return out
 
 
