@@ -30,6 +30,9 @@
 # then each task's items outside every split in turn (data.module.calib_source=pool; no test or validation item).
 # measured (issue 27 item 2): JACTUS@0.8 (gate/up sharing) with measured gains: the last 8 of the 64 calibration
 # batches held out, each unit scored alone at its planned rank and 32 ranks more (method.measure_batches=8).
+# sparse (issue 27 item 2): the 0.8 budget in bytes split between rank and a sparse share (5% and 10%: each non-zero
+# pays its value and an int32 position), gate/up sharing; against sbmlp_r0_c512 (no share). The share starts at zero,
+# so only the trained NLL tells whether it keeps more per byte than rank.
 # layer_damage (item 5): no training; the seed-0/1 JACTUS@0.8 start with each kind of target restored dense
 # (layer_damage.py), and the allocation tilted by seed 0's measured/proxy ratios (+kind_scale), on seeds 1 and 0.
 set -u
@@ -132,6 +135,10 @@ JOBS
 sbmlp_meas8_s0 'method.share_bases=[gate_proj,up_proj]' method.measure_batches=8 seed=0
 sbmlp_meas8_s1 'method.share_bases=[gate_proj,up_proj]' method.measure_batches=8 seed=1
 JOBS
-  *) echo "unknown stage ${1}: expected grid, followup, item5, core_dropout, taco, tunecomp, shared, curves, pool, measured or layer_damage" >&2
+  sparse)
+    for share in 0.05 0.1; do for seed in 0 1; do
+      echo "sbmlp_sparse${share}_bytes_s$seed 'method.share_bases=[gate_proj,up_proj]' method.sparse_share=$share budget.unit=bytes seed=$seed"
+    done; done ;;
+  *) echo "unknown stage ${1}: expected grid, followup, item5, core_dropout, taco, tunecomp, shared, curves, pool, measured, sparse or layer_damage" >&2
      exit 2 ;;
 esac | experiments/results/run_jobs.sh
