@@ -588,3 +588,29 @@ def test_average_panels_draw_one_panel_per_table_with_dense_rows_as_reference_li
     assert drawn["panels"] == 1 and drawn["references"] == [("lora", 86.0)]  # lora's average; jactus is a curve
     with pytest.raises(SystemExit):
         report.main([str(sweep), "--panels", "tasks"])
+
+
+def test_before_tables_the_compressed_start_without_intervals(tmp_path, capsys):
+    """--before reads metrics_before.method; runs that have none (LoRA here) drop out, and the per-item files (the
+    fine-tuned model's) give no interval or count."""
+    root = tmp_path / "before"
+    for seed in (0, 1):
+        _curve_run(root, f"lora/s{seed}", method="lora", seed=seed, correct=lambda i: i % 2 == 0)
+        _curve_run(root, f"j/s{seed}", method="jactus", seed=seed, budget=0.8, correct=lambda i: i % 2 == 0)
+        path = root / f"j/s{seed}" / "summary.json"
+        start = {"test/acc": 30.0 + seed, "test/acc_piqa": 20.0 + seed, "test/acc_boolq": 40.0 + seed}
+        path.write_text(json.dumps({**json.loads(path.read_text()), "metrics_before": {"method": start}}))
+    rep = report.write_report(root, tmp_path / "out", before=True, gaps=["jactus@0.8:jactus@0.8"])
+    (table,) = rep.tables
+    assert table.rows == ["jactus@0.8"] and table.cell("jactus@0.8", "Avg.").mean == pytest.approx(30.5)
+    assert rep.gaps[0].intervals == {} and rep.gaps[0].without_items == []
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert markdown.startswith("# Sweep report: test/acc before fine-tuning")
+    assert "these values carry no interval" in markdown
+    assert report.main([str(root), "--out", str(tmp_path / "c"), "--before", "--curves", "lora"]) == 1
+    assert "'lora' is a row of no table" in capsys.readouterr().err
+    after = report.write_report(root, tmp_path / "after")
+    assert after.tables[0].rows == ["lora", "jactus@0.8"]  # without --before the fine-tuned metrics, as always
+    (root / "j").rename(tmp_path / "j")
+    assert report.main([str(root), "--out", str(tmp_path / "none"), "--before"]) == 1
+    assert "evaluate_before=true" in capsys.readouterr().err

@@ -46,6 +46,10 @@ Writes to `--out` (default: the first sweep dir):
                       3": items per seed x seeds; "?" where a run has no items file), or a note that no run of the
                       table has per-item results.
 
+`--before` tables the compressed models before fine-tuning instead (summary.json's `metrics_before`, from runs with
+`evaluate_before=true`; a LoRA row is then the dense model): the compressed start on every budget; its values carry
+no interval (the per-item files hold the fine-tuned model's results).
+
 `--split-by KEY` (repeatable) splits each method's row by a run value, e.g. `--split-by lr --metric val/acc` for a
 learning-rate search: rows "lora (lr=0.001)". KEY is a summary.json key (dotted for nested ones) or, where the
 summary lacks it, a dotted path into the run's `.hydra/config.yaml` (e.g. `optim.lr`).
@@ -127,7 +131,7 @@ def repeated_seeds(frame: pd.DataFrame) -> list[str]:
 def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: list[str] = (),
                  split_by: list[str] = (), resamples: int = 1000, level: float = 0.95,
                  latency: str | Path | None = None, latency_measure: str | None = None,
-                 curves: list[str] = (), panels: str = "all") -> Report:
+                 curves: list[str] = (), panels: str = "all", before: bool = False) -> Report:
     """Read the summaries under `dirs` and write report.md, results.csv and the plots to `out`.
 
     `gaps`: "REF:OTHER[,OTHER...]" specs (see the module docstring); they also write gaps.csv. `split_by`: keys whose
@@ -136,6 +140,7 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
     of the deployed formats' speed (`report.latency`), which adds acc_vs_latency.png (`latency_measure`: which
     measure, default prefill_b8 where measured). `curves`: reference rows (e.g. ["lora"]) for the budget curves
     section and curves.csv (`report.curves`). `panels`: "all" (a panel per column and the average) or "average".
+    `before`: the compressed models before fine-tuning (`metrics_before`; no per-item intervals).
     """
     specs = [parse_gaps(spec) for spec in gaps]
     measured = load_latency(latency, latency_measure) if latency is not None else None
@@ -144,8 +149,11 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
         raise FileNotFoundError(f"no summary.json under {', '.join(map(str, _as_paths(dirs)))}")
     for summary in summaries:
         summary["_split"] = split_values(summary, list(split_by))
-    frame = results_frame(summaries, metric)
-    tables = build_tables(frame, digits)
+    frame = results_frame(summaries, metric, before)
+    if before and (frame.empty or frame["value"].notna().sum() == 0):
+        raise FileNotFoundError(f"--before: no run under {', '.join(map(str, _as_paths(dirs)))} has {metric} before "
+                                f"fine-tuning (summary.json's metrics_before, written with evaluate_before=true)")
+    tables = build_tables(frame, digits, per_item=not before)
     gap_tables = [build_gaps(table, specs, resamples, level) for table in tables] if specs else []
     absent = [reference for reference in curves if not any(reference in table.rows for table in tables)]
     if absent:
@@ -183,7 +191,7 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
         files["rank_heatmap"] = heatmap
 
     n_failed = sum(_status(s) != "ok" for s in summaries)
-    lines = [f"# Sweep report: {metric}", "",
+    lines = [f"# Sweep report: {metric}{' before fine-tuning' if before else ''}", "",
              f"{len(summaries)} runs ({n_failed} failed) from {', '.join(map(str, _as_paths(dirs)))}.",
              f"Cells: mean ± sample std over seeds (the mean alone for one seed; a seed run twice counts once, as the "
              f"mean of its runs); {MISSING} = no run; "
@@ -237,6 +245,9 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
 
 
 def _items_section(table: ResultTable) -> list[str]:
+    if not table.per_item:
+        return ["Items per cell: as after fine-tuning (the same questions); the per-item results are the fine-tuned "
+                "model's, so these values carry no interval.", ""]
     counts = counts_markdown(table)
     if counts is None:
         return [f"Items per cell: unknown (no run of this table wrote per-item results, {ITEMS_FILE}).", ""]
@@ -296,13 +307,16 @@ def main(argv: list[str] | None = None) -> int:
                              "each meets it, the best at each budget, curves.csv; repeatable")
     parser.add_argument("--panels", choices=PANELS, default="all",
                         help="the figures' panels: one per column and the average (all), or the average alone")
+    parser.add_argument("--before", action="store_true",
+                        help="the compressed models before fine-tuning (summary.json's metrics_before, from runs "
+                             "with evaluate_before=true); no per-item intervals")
     parser.add_argument("--wandb", action="store_true", help="log the table and plots to W&B (WANDB_MODE honoured)")
     parser.add_argument("--wandb-project", default="jactus")
     args = parser.parse_args(argv)
     try:
         report = write_report(args.sweep_dirs, args.out or args.sweep_dirs[0], args.metric, args.digits, args.gaps,
                               args.split_by, args.resamples, args.level, args.latency, args.latency_measure,
-                              args.curves, args.panels)
+                              args.curves, args.panels, args.before)
     except (FileNotFoundError, GapsError, LatencyError) as err:
         print(f"jactus-report: {err}", file=sys.stderr)
         return 1

@@ -171,7 +171,8 @@ def build_gaps(table: ResultTable, specs: list[tuple[str, list[str]]], resamples
             # the shared ones, so the gap and its interval describe the same runs. Runs without a seed never pair.
             paired[(ref, other, column)] = [ref_seeds[seed] - other_seeds[seed] for seed in ref_seeds
                                             if seed in other_seeds and not _unseeded(seed)]
-    intervals, without = item_intervals(table, pairs, columns, resamples, level, seed)
+    # before fine-tuning the runs' items (the fine-tuned model's) do not apply: no intervals, nothing to list
+    intervals, without = item_intervals(table, pairs, columns, resamples, level, seed) if table.per_item else ({}, [])
     return GapTable(table.title, pairs, columns, means, table.digits, paired, intervals, without, level)
 
 

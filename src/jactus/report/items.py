@@ -48,7 +48,7 @@ def seed_values(table: ResultTable, row: str, seed) -> dict[tuple[str, int], flo
     runs per item); None when a run of it has no items file or the metric has no per-item values."""
     field = metric_field(table.metric)
     paths = table.runs.get((row, seed), [])
-    if field is None or not paths:
+    if field is None or not paths or not table.per_item:
         return None
     split, name, scale = field
     collected: dict[tuple[str, int], list[float]] = {}
@@ -85,7 +85,7 @@ def count_text(table: ResultTable, row: str, column: str) -> str:
 
 def counts_markdown(table: ResultTable) -> str | None:
     """The table's shape with item counts per cell; None when no run of the table has an items file."""
-    if metric_field(table.metric) is None or not any(run_items(path) is not None for paths in table.runs.values()
+    if not table.per_item or metric_field(table.metric) is None or not any(run_items(path) is not None for paths in table.runs.values()
                                                      for path in paths):
         return None
     columns = [*table.columns, AVERAGE]

@@ -140,23 +140,34 @@ def _status(summary: dict) -> str:
     return summary.get("status") or "ok"
 
 
-def results_frame(summaries: list[dict], metric: str = "test/acc") -> pd.DataFrame:
-    """Long format: one row per (run, column). Runs with `<metric>_<task>` metrics give one row per task.
+def run_metrics(summary: dict, before: bool = False) -> dict:
+    """The run's metrics: after fine-tuning (`metrics`), or, with `before`, the compressed model's before it
+    (`metrics_before.method`, written by runs with `evaluate_before=true`; {} where the run has none)."""
+    if before:
+        return (summary.get("metrics_before") or {}).get("method") or {}
+    return summary.get("metrics") or {}
+
+
+def results_frame(summaries: list[dict], metric: str = "test/acc", before: bool = False) -> pd.DataFrame:
+    """Long format: one row per (run, column). Runs with `<metric>_<task>` metrics give one row per task. `before`:
+    the metrics of the model before fine-tuning (`run_metrics`).
 
     A failed run counts against every column its dataset has in the successful runs of the same model
     (just the dataset name when no run of it succeeded). `value` is NaN for failed runs and where `metric` is absent.
     """
+    if before:  # a run that did not score its compressed model before fine-tuning has no row here
+        summaries = [summary for summary in summaries if _status(summary) != "ok" or run_metrics(summary, True)]
     task_prefix = f"{metric}_"
     columns_of: dict[tuple, list[str]] = {}  # (model, data) -> columns seen in successful runs
     for summary in summaries:
         if _status(summary) == "ok":
-            tasks = [key[len(task_prefix):] for key in summary.get("metrics") or {} if key.startswith(task_prefix)]
+            tasks = [key[len(task_prefix):] for key in run_metrics(summary, before) if key.startswith(task_prefix)]
             known = columns_of.setdefault((summary["model"], summary["data"]), [])
             known += [column for column in (tasks or [summary["data"]]) if column not in known]
 
     records = []
     for summary in summaries:
-        status, metrics = _status(summary), summary.get("metrics") or {}
+        status, metrics = _status(summary), run_metrics(summary, before)
         base = {
             "experiment": summary.get("experiment") or "", "model": summary["model"], "method": summary["method"],
             "budget": summary.get("budget"), "label": row_label(summary), "data": summary["data"],

@@ -75,6 +75,7 @@ class ResultTable:
     runs: dict[tuple[str, object], list[str]] = field(default_factory=dict)  # (row, seed) -> successful runs' paths
     metric: str = ""
     bytes_ratio: dict[str, float | None] = field(default_factory=dict)  # mean bytes_ratio (runs that record it)
+    per_item: bool = True  # the runs' items.jsonl.gz hold this table's values (not so for the metrics before FT)
 
     def cell(self, row: str, column: str) -> Cell:
         return self.cells.get((row, column), Cell())
@@ -160,7 +161,7 @@ def lower_is_better(metric: str) -> bool:
     return metric.rpartition("/")[2].split("_")[0] in ("nll", "loss")
 
 
-def build_table(frame: pd.DataFrame, title: str = "", digits: int = 2) -> ResultTable:
+def build_table(frame: pd.DataFrame, title: str = "", digits: int = 2, per_item: bool = True) -> ResultTable:
     """The table of one section (one experiment and model) of `results_frame`'s output."""
     rows, columns = _row_order(frame), _ordered_columns(frame)
     cells: dict[tuple[str, str], Cell] = {}
@@ -185,17 +186,18 @@ def build_table(frame: pd.DataFrame, title: str = "", digits: int = 2) -> Result
     metrics = frame["metric"].dropna().unique()
     metric = str(metrics[0]) if len(metrics) else ""
     return ResultTable(title, rows, columns, cells, ratio, digits, lower_is_better=lower_is_better(metric),
-                       runs=runs, metric=metric, bytes_ratio=bytes_ratio)
+                       runs=runs, metric=metric, bytes_ratio=bytes_ratio, per_item=per_item)
 
 
-def build_tables(frame: pd.DataFrame, digits: int = 2) -> list[ResultTable]:
-    """One table per (experiment, model), in the order they first appear."""
+def build_tables(frame: pd.DataFrame, digits: int = 2, per_item: bool = True) -> list[ResultTable]:
+    """One table per (experiment, model), in the order they first appear. `per_item=False`: the values are not the
+    ones the runs' per-item files hold (the metrics before fine-tuning), so no interval or item count reads them."""
     tables = []
     sections = list(dict.fromkeys(zip(frame["experiment"], frame["model"], strict=True)))
     for experiment, model in sections:
         part = frame[(frame["experiment"] == experiment) & (frame["model"] == model)]
         title = f"{model} ({experiment})" if experiment else model
-        tables.append(build_table(part, title, digits))
+        tables.append(build_table(part, title, digits, per_item))
     return tables
 
 

@@ -4,7 +4,8 @@
 # items.jsonl.gz and .hydra from LOG into ../validation/runs, then writes one report per metric here (acc/, nll/):
 # the table, the budget curves against LoRA (curves.csv: gaps with paired 95% intervals over the 160 validation
 # questions x 2 seeds, where each method meets LoRA, the best at each budget) and the figures against retained
-# parameters, deployed bytes and measured latency (experiments/bench/out/infer_real_cpu.json, CPU-scale).
+# parameters, deployed bytes and measured latency (experiments/bench/out/infer_real_cpu.json, CPU-scale); and the
+# compressed start's val NLL before fine-tuning (start_nll/).
 #   experiments/results/offline_llama/curves/report.sh
 set -eu
 cd "$(dirname "$0")/../../../.."
@@ -23,3 +24,6 @@ for metric in acc nll; do
   ${PYTHON:-.venv/bin/python} -m jactus.report.cli "${dirs[@]}" --out experiments/results/offline_llama/curves/$metric \
     --metric val/$metric --curves lora --panels average --latency experiments/bench/out/infer_real_cpu.json
 done
+# the compressed start: every method's model before fine-tuning (LoRA has none: it starts as the dense model)
+${PYTHON:-.venv/bin/python} -m jactus.report.cli "${dirs[@]}" --out experiments/results/offline_llama/curves/start_nll \
+  --metric val/nll --before --panels average
