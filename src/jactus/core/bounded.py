@@ -167,6 +167,7 @@ def compress_model(
     compensation: float | None = None,
     measure_batches: Iterable | None = None,
     measure_step: int = 32,
+    input_batches: Iterable | None = None,
 ) -> tuple[nn.Module, RankPlan] | list[tuple[nn.Module, RankPlan]]:
     """Compress `model` to `budget` in bounded memory (module docstring) -> `(model, plan)`, the model changed in
     place with the freeze policy of `factorize(freeze=True)`.
@@ -219,6 +220,10 @@ def compress_model(
     its planned rank and `measure_step` ranks more, and the plan is made again from the spectra scaled by the
     measured/proxy ratios; `jactus_compress_stats["measured"]` holds them per budget. The statistics must fit one
     pass; not with `nested`, `build_layer`, `stats_mode="none"` or another allocator.
+
+    `input_batches` (None: none): batches that add to the input covariances only (`calibrate(input_batches=)`, e.g.
+    generic text beside the task's items, docs/METHOD.md section 1); not with `compensation` (its compressed stream
+    runs on `batches`).
     """
     single = not isinstance(budget, (list, tuple))
     budgets = [budget] if single else list(budget)
@@ -231,6 +236,13 @@ def compress_model(
                                                                 "from calibrated groups")):
         if used and conflict:
             raise ValueError(f"{option} does not combine with {conflict}: {why}")
+    if input_batches is not None:
+        if compensation is not None or stats_mode == "none":
+            raise ValueError(f"input_batches (input-only calibration) do not combine with "
+                             f"{'stats_mode=none' if stats_mode == 'none' else f'compensation={compensation}'}: "
+                             f"{'nothing is calibrated' if stats_mode == 'none' else 'its streams run on batches'}")
+        if iter(input_batches) is input_batches:
+            raise ValueError("compress_model reads input_batches once per pass; pass a list or DataLoader")
     if measure_batches is not None:
         measure_step = check_measure_step(measure_step, rank_multiple)
         if conflict or allocator != "marginal_gain" or energy is not None:
@@ -261,7 +273,10 @@ def compress_model(
 
     with clock("phase1_calibrate"):
         # the model stays dense and unchanged until every pass is done: one hash of it and of the batches serves all
-        digests = (model_digest(model), batches_digest(batches)) if cache is not None else None
+        # input-only batches are part of what a pass measures: they enter the batches' hash (none: the key as before)
+        digests = (model_digest(model), batches_digest(batches if input_batches is None else
+                                                       [*batches, "input-only:", *input_batches])
+                   ) if cache is not None else None
         groups = (first_batch_input_groups(model, modules, batches, loss_fn, device) if need_stats
                   else [[n] for n in modules])
     shared = shared_basis_groups(groups, share_bases)
@@ -291,7 +306,7 @@ def compress_model(
                                  {name: modules[name] for group in pass_groups for name in group},
                                  mask_key=mask_key, need_gradients=need_gradients, offload_to_cpu=offload_to_cpu,
                                  device=device, progress=progress, loss_normalizer=loss_normalizer,
-                                 stats_dtype=stats_dtype, groups=pass_groups)
+                                 stats_dtype=stats_dtype, groups=pass_groups, input_batches=input_batches)
 
             if cache is None:
                 stats = measure()

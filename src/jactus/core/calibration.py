@@ -126,6 +126,7 @@ def calibrate(
     loss_normalizer: Callable[[Any], float] | None = None,
     stats_dtype: torch.dtype = torch.float64,
     groups: Sequence[Sequence[str]] | None = None,
+    input_batches: Iterable | None = None,
 ) -> CalibrationStats:
     """One calibration pass over `batches` -> `CalibrationStats` of every target.
 
@@ -137,6 +138,10 @@ def calibrate(
     shared-input groups when already known (`input_groups`), which skips the forward that finds them. Under an
     initialised `torch.distributed`, sums and token counts are all-reduced, so every rank gets identical statistics;
     every rank must then call it, and if one has no batch, all of them raise.
+
+    `input_batches` (docs/METHOD.md section 1, generic text): batches that add to the input covariances only, run
+    forward without gradients after `batches`; `Sx` is then the second moment over the tokens of both, `Sg` over
+    the task batches' tokens alone.
     """
     check_stats_dtype(stats_dtype)
     modules = dict(targets) if isinstance(targets, Mapping) else find_targets(model, targets)
@@ -163,7 +168,9 @@ def calibrate(
             model, modules, groups, itertools.chain([first], iterator), loss_fn, device=device,
             stats_device=stats_device, stats_dtype=stats_dtype, mask_key=mask_key, need_gradients=need_gradients,
             normalizer=normalizer, progress=progress, desc="calibration",
-            total=len(batches) if hasattr(batches, "__len__") else None)
+            total=(len(batches) + len(input_batches or ()) if hasattr(batches, "__len__")
+                   and hasattr(input_batches or (), "__len__") else None),
+            input_batches=input_batches or ())
     finally:
         for param, flag in flags:
             param.requires_grad_(flag)
@@ -338,14 +345,15 @@ def token_rows(tensor: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def _calibration_pass(model, modules, groups, batches, loss_fn, *, device, stats_device, stats_dtype, mask_key,
-                      need_gradients, normalizer, progress, desc, total) -> dict[str, LayerStats]:
+                      need_gradients, normalizer, progress, desc, total, input_batches=()) -> dict[str, LayerStats]:
     leader_of = {name: group[0] for group in groups for name in group}
     input_sums = {g[0]: torch.zeros(modules[g[0]].in_features, modules[g[0]].in_features, dtype=stats_dtype,
                                     device=stats_device) for g in groups}
     grad_sums = {name: torch.zeros(modules[name].out_features, modules[name].out_features, dtype=stats_dtype,
                                    device=stats_device) for name in leader_of} if need_gradients else {}
     tokens = {name: 0 for name in leader_of}
-    state: dict[str, Any] = {"mask": None, "mask_count": None, "scale": 1.0, "inputs": {}}
+    input_tokens = {name: 0 for name in leader_of}  # tokens of input-only batches: in Sx, not in Sg
+    state: dict[str, Any] = {"mask": None, "mask_count": None, "scale": 1.0, "inputs": {}, "input_only": False}
 
     def masked(tensor: torch.Tensor) -> bool:
         return masks(state["mask"], tensor)
@@ -371,7 +379,11 @@ def _calibration_pass(model, modules, groups, batches, loss_fn, *, device, stats
             elif state["inputs"].get(leader) is not _layer_input(args, kwargs):
                 raise RuntimeError(f"layer {name!r} no longer reads the same input as {leader!r}; input sharing "
                                    f"must not change between batches")
-            tokens[name] += state["mask_count"] if masked(x) else x.numel() // x.shape[-1]
+            count = state["mask_count"] if masked(x) else x.numel() // x.shape[-1]
+            if state["input_only"]:
+                input_tokens[name] += count
+                return
+            tokens[name] += count
             if need_gradients and torch.is_grad_enabled():
                 if not output.requires_grad:  # everything upstream is frozen: start the activation graph here
                     output.requires_grad_(True)
@@ -381,15 +393,19 @@ def _calibration_pass(model, modules, groups, batches, loss_fn, *, device, stats
     handles = [modules[name].register_forward_hook(forward_hook(name), with_kwargs=True) for name in leader_of]
     try:
 
-        for step, batch in enumerate(progress_bar(batches, desc=desc, total=total, disable=not progress, leave=False)):
+        tagged = itertools.chain(((batch, False) for batch in batches), ((batch, True) for batch in input_batches))
+        for step, (batch, input_only) in enumerate(progress_bar(tagged, desc=desc, total=total, disable=not progress,
+                                                                leave=False)):
             batch = to_device(batch, device)
             mask = batch.get(mask_key) if isinstance(batch, Mapping) else None
             state["mask"] = None if mask is None else mask.bool()
             state["mask_count"] = None if mask is None else int(state["mask"].sum())  # one sync per batch
-            state["scale"] = normalizer(batch) if need_gradients else 1.0
-            with torch.set_grad_enabled(need_gradients):
+            state["input_only"] = input_only
+            gradients = need_gradients and not input_only
+            state["scale"] = normalizer(batch) if gradients else 1.0
+            with torch.set_grad_enabled(gradients):
                 loss = loss_fn(model, batch)
-                if need_gradients:
+                if gradients:
                     if not bool(torch.isfinite(loss.detach()).all()):
                         raise FloatingPointError(f"calibration loss is not finite at batch {step}: {loss.item()}; "
                                                  f"the output-gradient statistics would be NaN")
@@ -402,22 +418,23 @@ def _calibration_pass(model, modules, groups, batches, loss_fn, *, device, stats
             handle.remove()
         state["inputs"].clear()
 
-    counts = _all_reduce(torch.tensor([tokens[name] for name in leader_of], dtype=torch.float64,
-                                      device=stats_device))
-    tokens = {name: int(count) for name, count in zip(leader_of, counts.tolist(), strict=True)}
+    counts = _all_reduce(torch.tensor([[tokens[name], input_tokens[name]] for name in leader_of],
+                                      dtype=torch.float64, device=stats_device))
+    tokens = {name: int(count[0]) for name, count in zip(leader_of, counts.tolist(), strict=True)}
+    input_tokens = {name: int(count[1]) for name, count in zip(leader_of, counts.tolist(), strict=True)}
     result: dict[str, LayerStats] = {}
     for group in groups:
         leader = group[0]
         if tokens[leader] == 0:
             raise ValueError(f"target layer {leader!r} saw no calibration tokens (is it used in the forward pass?)")
-        input_cov = _all_reduce(input_sums[leader]) / tokens[leader]
+        input_cov = _all_reduce(input_sums[leader]) / (tokens[leader] + input_tokens[leader])
         check_finite(input_cov, "input covariance", leader)
         for name in group:
             grad_cov = None
             if need_gradients:
                 grad_cov = _all_reduce(grad_sums[name]) / tokens[name]
                 check_finite(grad_cov, "output-gradient covariance", name)
-            result[name] = LayerStats(input_cov, grad_cov, tokens[name])
+            result[name] = LayerStats(input_cov, grad_cov, tokens[name] + input_tokens[name])
     return result
 
 

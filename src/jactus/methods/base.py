@@ -32,6 +32,9 @@ class MethodContext:
     head_names: Sequence[str] = ()
     family: str = "vision"  # "vision" | "causal_lm"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # batches that add to the input covariances only (generic text beside the task's items; docs/METHOD.md 1):
+    # given only to a method with `input_batches = True`
+    input_batches: Iterable | None = None
 
 
 STATS_DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -101,6 +104,8 @@ class Method:
     default_distill_weight: ClassVar[float] = 0.0
     # True: distillation uses the method's own teacher (`distill_teacher`) instead of a cache of the dense model
     own_teacher: ClassVar[bool] = False
+    # True: the method's calibration takes input-only batches (`MethodContext.input_batches`)
+    input_batches: ClassVar[bool] = False
 
     def apply(self, ctx: MethodContext) -> nn.Module:
         """Prepare `ctx.model` for training; return the module to train (usually the same object)."""

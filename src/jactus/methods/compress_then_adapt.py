@@ -48,6 +48,7 @@ class CompressThenAdapt(LowRankMethod):
     """A classic compressor to the budget, then LoRA on the factors (docs/METHOD.md section 6)."""
 
     layer_cls = LowRankLinear  # the core is folded at once; LoRA adapts the factors
+    input_batches = True  # input-only batches (generic text) add to its whitening Sx (MethodContext.input_batches)
 
     def __init__(
         self,
@@ -103,7 +104,8 @@ class CompressThenAdapt(LowRankMethod):
                                           rank_multiple=self.rank_multiple, rho=0.0, weight_basis="whitened",
                                           stats_mode=self.stats_mode, damping=self.damping, mask_key=self.mask_key,
                                           head_names=self.head_names, device=ctx.device,
-                                          compensation=self.compensation, **self.calib.driver_kwargs())
+                                          compensation=self.compensation, input_batches=ctx.input_batches,
+                                          **self.calib.driver_kwargs())
         return self._adapt(fold_factorized(model))
 
     def _adapt(self, model: nn.Module) -> nn.Module:

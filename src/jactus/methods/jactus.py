@@ -69,6 +69,8 @@ class Jactus(LowRankMethod):
     experiments/results/offline_llama/validation, "Item 5"), so it is off by default.
     """
 
+    input_batches = True  # input-only batches (generic text) may add to Sx (MethodContext.input_batches)
+
     def __init__(
         self,
         budget: float = 0.8,
@@ -239,7 +241,8 @@ class Jactus(LowRankMethod):
             head_names=ctx.head_names,
             device=ctx.device,
             **self.calib.driver_kwargs(),
-            **{"share_bases": self.share_bases, "compensation": self.compensation, **options},
+            **{"share_bases": self.share_bases, "compensation": self.compensation,
+               "input_batches": ctx.input_batches, **options},
         )
 
     def structure(self) -> dict | None:
