@@ -30,6 +30,8 @@
 # then each task's items outside every split in turn (data.module.calib_source=pool; no test or validation item).
 # measured (issue 27 item 2): JACTUS@0.8 (gate/up sharing) with measured gains: the last 8 of the 64 calibration
 # batches held out, each unit scored alone at its planned rank and 32 ranks more (method.measure_batches=8).
+# text (issue 27 item 3): JACTUS@0.8 (gate/up sharing) with 512 generic-text passages (BoolQ's Wikipedia paragraphs of
+# no split) added to the input covariances beside the 512 task items (data.module.calib_text=512).
 # sparse (issue 27 item 2): the 0.8 budget in bytes split between rank and a sparse share (5% and 10%: each non-zero
 # pays its value and an int32 position), gate/up sharing; against sbmlp_r0_c512 (no share). The share starts at zero,
 # so only the trained NLL tells whether it keeps more per byte than rank.
@@ -135,10 +137,14 @@ JOBS
 sbmlp_meas8_s0 'method.share_bases=[gate_proj,up_proj]' method.measure_batches=8 seed=0
 sbmlp_meas8_s1 'method.share_bases=[gate_proj,up_proj]' method.measure_batches=8 seed=1
 JOBS
+  text) cat <<'JOBS' ;;
+sbmlp_text512_s0 'method.share_bases=[gate_proj,up_proj]' data.module.calib_text=512 seed=0
+sbmlp_text512_s1 'method.share_bases=[gate_proj,up_proj]' data.module.calib_text=512 seed=1
+JOBS
   sparse)
     for share in 0.05 0.1; do for seed in 0 1; do
       echo "sbmlp_sparse${share}_bytes_s$seed 'method.share_bases=[gate_proj,up_proj]' method.sparse_share=$share budget.unit=bytes seed=$seed"
     done; done ;;
-  *) echo "unknown stage ${1}: expected grid, followup, item5, core_dropout, taco, tunecomp, shared, curves, pool, measured, sparse or layer_damage" >&2
+  *) echo "unknown stage ${1}: expected grid, followup, item5, core_dropout, taco, tunecomp, shared, curves, pool, measured, text, sparse or layer_damage" >&2
      exit 2 ;;
 esac | experiments/results/run_jobs.sh
