@@ -12,7 +12,7 @@ cd "$(dirname "$0")/../../../.."
 LOG=${LOG:-logs/val3}
 RUNS=experiments/results/offline_llama/validation/runs
 for run in "$LOG"/cta_b*_s? "$LOG"/taco_bytes_b*_s? "$LOG"/sbmlp_b*_r0_c512_s? "$LOG"/dora_s? \
-           "$LOG"/sbmlp_pool2048_s? "$LOG"/sbmlp_meas8_s?; do
+           "$LOG"/sbmlp_pool2048_s? "$LOG"/sbmlp_meas4_s?; do
   [ -f "$run/summary.json" ] && [ ! -f "$RUNS/$(basename "$run")/summary.json" ] || continue
   mkdir -p "$RUNS/$(basename "$run")"
   cp -r "$run/summary.json" "$run/items.jsonl.gz" "$run/.hydra" "$RUNS/$(basename "$run")/"

@@ -28,8 +28,9 @@
 # dtype: the runs' bytes_ratio equals their params_ratio), so their rows keep the labels of the earlier runs.
 # pool (issue 27 item 3): JACTUS@0.8 (gate/up sharing) calibrated on 2048 items instead of 512: the 512 training items,
 # then each task's items outside every split in turn (data.module.calib_source=pool; no test or validation item).
-# measured (issue 27 item 2): JACTUS@0.8 (gate/up sharing) with measured gains: the last 8 of the 64 calibration
-# batches held out, each unit scored alone at its planned rank and 32 ranks more (method.measure_batches=8).
+# measured (issue 27 item 2): JACTUS@0.8 (gate/up sharing) with measured gains: the last 4 of the 64 calibration
+# batches (32 items) held out, each unit scored alone at its planned rank and 32 ranks more
+# (method.measure_batches=4; about 180 units x 8 held-out forwards, an hour at one thread beside other jobs).
 # text (issue 27 item 3): JACTUS@0.8 (gate/up sharing) with 512 generic-text passages (BoolQ's Wikipedia paragraphs of
 # no split) added to the input covariances beside the 512 task items (data.module.calib_text=512).
 # sparse (issue 27 item 2): the 0.8 budget in bytes split between rank and a sparse share (5% and 10%: each non-zero
@@ -134,8 +135,8 @@ sbmlp_pool2048_s0 'method.share_bases=[gate_proj,up_proj]' calib.num_samples=204
 sbmlp_pool2048_s1 'method.share_bases=[gate_proj,up_proj]' calib.num_samples=2048 data.module.calib_source=pool seed=1
 JOBS
   measured) cat <<'JOBS' ;;
-sbmlp_meas8_s0 'method.share_bases=[gate_proj,up_proj]' method.measure_batches=8 seed=0
-sbmlp_meas8_s1 'method.share_bases=[gate_proj,up_proj]' method.measure_batches=8 seed=1
+sbmlp_meas4_s0 'method.share_bases=[gate_proj,up_proj]' method.measure_batches=4 seed=0
+sbmlp_meas4_s1 'method.share_bases=[gate_proj,up_proj]' method.measure_batches=4 seed=1
 JOBS
   text) cat <<'JOBS' ;;
 sbmlp_text512_s0 'method.share_bases=[gate_proj,up_proj]' data.module.calib_text=512 seed=0
