@@ -21,9 +21,9 @@ shopt -s nullglob
 dirs=("$RUNS"/lora_s? "$RUNS"/dora_s? "$RUNS"/sbmlp_r0_c512_s? "$RUNS"/sbmlp_b*_r0_c512_s? "$RUNS"/cta_b*_s?
       "$RUNS"/taco_bytes_b*_s?)
 for metric in acc nll; do
-  ${PYTHON:-.venv/bin/python} -m jactus.report.cli "${dirs[@]}" --out experiments/results/offline_llama/curves/$metric \
+  ${JACTUS_REPORT:-.venv/bin/jactus-report} "${dirs[@]}" --out experiments/results/offline_llama/curves/$metric \
     --metric val/$metric --curves lora --panels average --latency experiments/bench/out/infer_real_cpu.json
 done
 # the compressed start: every method's model before fine-tuning (LoRA has none: it starts as the dense model)
-${PYTHON:-.venv/bin/python} -m jactus.report.cli "${dirs[@]}" --out experiments/results/offline_llama/curves/start_nll \
+${JACTUS_REPORT:-.venv/bin/jactus-report} "${dirs[@]}" --out experiments/results/offline_llama/curves/start_nll \
   --metric val/nll --before --panels average
