@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from .core import count_params, save_compact, stored_bytes
 from .core.calibration import to_device
-from .methods.base import MethodContext
+from .methods.base import MethodContext, input_batches_for
 from .methods.jactus import Jactus
 from .summary import bytes_fields, git_sha, write_summary
 from .utils.run import CONF_DIR, build_run, method_label, task_wrapper
@@ -66,10 +66,7 @@ def compress(cfg: DictConfig) -> list[dict]:
     run.datamodule.setup("fit")
     module, model = run.module, run.module.model.to(device)
     calibration = [to_device(b, device) for b in run.datamodule.calibration_dataloader()]
-    text = getattr(run.datamodule, "calibration_input_dataloader", lambda: None)()  # generic text for Sx only
-    if text is not None and not methods[0].input_batches:
-        raise ValueError(f"data.module.calib_text={run.datamodule.calib_text}: method {label} does not take "
-                         f"input-only calibration batches (jactus and compress_then_adapt do); set it to 0")
+    text = input_batches_for(methods[0], run.datamodule)  # generic text for Sx only
     input_batches = None if text is None else [to_device(b, device) for b in text]
     module.warmup_head(calibration, cfg.calib.head_warmup_steps, cfg.calib.head_warmup_lr)
     test_loader = run.datamodule.test_dataloader() if cfg.evaluate else None

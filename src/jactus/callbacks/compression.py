@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import Callback
 from ..core import check_precision, count_params, model_dtype, upcast_trainable
 from ..core.calibration import check_every_rank_has_batches
 from ..distill import Distillation, DistillSettings, TeacherCache, build_cache
-from ..methods.base import Method, MethodContext
+from ..methods.base import Method, MethodContext, input_batches_for
 from ..utils.tables import print_rank_table
 
 CHECKPOINT_KEY = "jactus_method"
@@ -181,17 +181,9 @@ class CompressionCallback(Callback):
         return distillation
 
     def _input_batches(self, trainer: L.Trainer, device: torch.device) -> list | None:
-        """The datamodule's input-only calibration batches (`calibration_input_dataloader()`, e.g. generic text;
-        None where it has none), for a method that takes them; any other method fails rather than ignore them."""
-        loader = getattr(trainer.datamodule, "calibration_input_dataloader", lambda: None)()
-        if loader is None:
-            return None
-        if not self.method.input_batches:
-            raise ValueError(f"the datamodule gives input-only calibration batches (generic text: "
-                             f"data.module.calib_text={getattr(trainer.datamodule, 'calib_text', '?')}), which method "
-                             f"{self.method.name!r} does not take (jactus, jactus_palette and compress_then_adapt do); "
-                             f"set data.module.calib_text=0")
-        return _move(loader, device, trainer.global_rank, trainer.world_size)
+        """This rank's share of the datamodule's input-only calibration batches (`input_batches_for`)."""
+        loader = input_batches_for(self.method, trainer.datamodule)
+        return None if loader is None else _move(loader, device, trainer.global_rank, trainer.world_size)
 
     def _calibration_batches(self, trainer: L.Trainer) -> Iterable:
         datamodule = trainer.datamodule

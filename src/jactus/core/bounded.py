@@ -237,19 +237,19 @@ def compress_model(
         if used and conflict:
             raise ValueError(f"{option} does not combine with {conflict}: {why}")
     if input_batches is not None:
-        if compensation is not None or stats_mode == "none":
-            raise ValueError(f"input_batches (input-only calibration) do not combine with "
-                             f"{'stats_mode=none' if stats_mode == 'none' else f'compensation={compensation}'}: "
-                             f"{'nothing is calibrated' if stats_mode == 'none' else 'its streams run on batches'}")
-        if iter(input_batches) is input_batches:
-            raise ValueError("compress_model reads input_batches once per pass; pass a list or DataLoader")
+        if stats_mode == "none":
+            raise ValueError("input_batches (input-only calibration) do not combine with stats_mode=none: nothing is "
+                             "calibrated")
+        if compensation is not None:
+            raise ValueError(f"input_batches (input-only calibration) do not combine with compensation={compensation}: "
+                             f"its streams run on batches")
+        _check_reiterable(input_batches, "input_batches", "once per pass")
     if measure_batches is not None:
         measure_step = check_measure_step(measure_step, rank_multiple)
         if conflict or allocator != "marginal_gain" or energy is not None:
             raise ValueError(f"measure_batches (measured gains) calibrate the marginal-gain allocator's proxy on "
                              f"JACTUS's own layers; not with {conflict or f'allocator={allocator!r}'}")
-        if iter(measure_batches) is measure_batches:
-            raise ValueError("measure_batches is read once per unit; pass a list, not an iterator")
+        _check_reiterable(measure_batches, "measure_batches", "once per unit")
     _check_arguments(model, budgets, allocator, scope, rank_multiple, rho, weight_basis, stats_mode, damping,
                      energy, stats_dtype, compute_dtype, eig_method, head_names)
     cache_bound = parse_bytes(stats_cache_max_bytes, "stats_cache_max_bytes")
@@ -257,8 +257,8 @@ def compress_model(
     need_gradients = stats_mode in ("kfac", "gradient")
     if need_stats and (batches is None or loss_fn is None):
         raise ValueError(f"stats_mode={stats_mode!r} needs calibration batches and a loss_fn")
-    if need_stats and iter(batches) is batches:
-        raise ValueError("compress_model reads `batches` several times; pass a list or DataLoader, not an iterator")
+    if need_stats:
+        _check_reiterable(batches, "batches", "several times")
     modules = dict(targets) if isinstance(targets, Mapping) else find_targets(model, targets)
     if not modules:
         raise ValueError("compress_model got no target layers (targets={})")
@@ -436,6 +436,11 @@ def compress_model(
     for target, _ in results:
         target.jactus_compress_stats = info
     return results[0] if single else results
+
+
+def _check_reiterable(batches: Iterable, name: str, how_often: str) -> None:
+    if iter(batches) is batches:
+        raise ValueError(f"compress_model reads `{name}` {how_often}; pass a list or DataLoader, not an iterator")
 
 
 def shared_basis_groups(groups: Sequence[Sequence[str]], share_bases: bool | Sequence[str]) -> list[list[str]]:

@@ -144,6 +144,7 @@ def calibrate(
     the task batches' tokens alone.
     """
     check_stats_dtype(stats_dtype)
+    input_batches = () if input_batches is None else input_batches
     modules = dict(targets) if isinstance(targets, Mapping) else find_targets(model, targets)
     if device is None:
         first_param = next(model.parameters(), None)
@@ -168,9 +169,9 @@ def calibrate(
             model, modules, groups, itertools.chain([first], iterator), loss_fn, device=device,
             stats_device=stats_device, stats_dtype=stats_dtype, mask_key=mask_key, need_gradients=need_gradients,
             normalizer=normalizer, progress=progress, desc="calibration",
-            total=(len(batches) + len(input_batches or ()) if hasattr(batches, "__len__")
-                   and hasattr(input_batches or (), "__len__") else None),
-            input_batches=input_batches or ())
+            total=(len(batches) + len(input_batches) if hasattr(batches, "__len__")
+                   and hasattr(input_batches, "__len__") else None),
+            input_batches=input_batches)
     finally:
         for param, flag in flags:
             param.requires_grad_(flag)

@@ -113,12 +113,11 @@ def measure_factors(model: nn.Module, modules: Mapping[str, nn.Linear], spectra:
     bar.close()
     positive = sorted(entry["factor"] for entry in out.values() if entry["factor"] is not None and entry["factor"] > 0)
     median = positive[len(positive) // 2] if positive else 1.0
-    low, high = max(positive[0] if positive else 1.0, median / CLIP), median * CLIP
+    floor, ceiling = max(positive[0] if positive else 1.0, median / CLIP), median * CLIP
     for entry in out.values():
-        entry["raw_factor"] = entry["factor"]
+        raw = entry["raw_factor"] = entry["factor"]
         # noise (or a step with no proxy gain): the smallest factor used; outliers clipped (module docstring)
-        raw = entry["factor"]
-        entry["factor"] = min(max(raw, low), high) if raw is not None and raw > 0 else low
+        entry["factor"] = min(max(raw, floor), ceiling) if raw is not None and raw > 0 else floor
     return out
 
 

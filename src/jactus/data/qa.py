@@ -283,6 +283,13 @@ class TrainCollator(_Collator):
         return self._pad(rows)
 
 
+class TextCollator(_Collator):
+    """Plain token sequences (generic text), each cut to `max_length`; every real token labelled."""
+
+    def __call__(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        return self._pad([([], row[:self.max_length]) for row in rows])
+
+
 class EvalCollator(_Collator):
     """One row per choice of every question; `choice_owner` maps rows to questions; `item_idx` is each question's
     index among its task's items of the split."""

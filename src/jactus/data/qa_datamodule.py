@@ -20,6 +20,7 @@ from .qa import (  # noqa: F401
     EncodedQA,
     EvalCollator,
     QAItem,
+    TextCollator,
     TrainCollator,
     encode_items,
     format_row,
@@ -253,16 +254,6 @@ class QADataModule(L.LightningDataModule):
         self.setup()
         if not self.calib_text:
             return None
-        encoded = [self.tokenizer(passage, add_special_tokens=False)["input_ids"][:self.max_length]
-                   for passage in self.text_passages]
-        return DataLoader(encoded, batch_size=self.batch_size, collate_fn=self._text_collate)
-
-    def _text_collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
-        length = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-        for index, row in enumerate(rows):
-            input_ids[index, :len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[index, :len(row)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "labels": input_ids.masked_fill(attention_mask == 0, -100)}
+        encoded = [self.tokenizer(passage, add_special_tokens=False)["input_ids"] for passage in self.text_passages]
+        return DataLoader(encoded, batch_size=self.batch_size,
+                          collate_fn=TextCollator(self.tokenizer.pad_token_id, None, self.max_length))

@@ -37,6 +37,18 @@ class MethodContext:
     input_batches: Iterable | None = None
 
 
+def input_batches_for(method: Method, datamodule) -> Iterable | None:
+    """The datamodule's input-only calibration batches (`calibration_input_dataloader()`, e.g. generic text; None
+    where it has none) for `method`; a method that does not take them fails rather than ignore them."""
+    loader = getattr(datamodule, "calibration_input_dataloader", lambda: None)()
+    if loader is not None and not method.input_batches:
+        raise ValueError(f"the datamodule gives input-only calibration batches (generic text: "
+                         f"data.module.calib_text={getattr(datamodule, 'calib_text', '?')}), which method "
+                         f"{method.name!r} does not take (jactus, jactus_palette and compress_then_adapt do); "
+                         f"set data.module.calib_text=0")
+    return loader
+
+
 STATS_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 COMPUTE_DTYPES = {"auto": "auto", "float32": torch.float32, "float64": torch.float64}
 

@@ -85,8 +85,8 @@ def count_text(table: ResultTable, row: str, column: str) -> str:
 
 def counts_markdown(table: ResultTable) -> str | None:
     """The table's shape with item counts per cell; None when no run of the table has an items file."""
-    if not table.per_item or metric_field(table.metric) is None or not any(run_items(path) is not None for paths in table.runs.values()
-                                                     for path in paths):
+    if not table.per_item or metric_field(table.metric) is None or not any(
+            run_items(path) is not None for paths in table.runs.values() for path in paths):
         return None
     columns = [*table.columns, AVERAGE]
     lines = ["| " + " | ".join(["Method", *columns]) + " |", "|" + "|".join([":---"] + ["---:"] * len(columns)) + "|"]
