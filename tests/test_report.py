@@ -550,6 +550,30 @@ def test_budget_curves_say_where_each_method_meets_the_reference_and_which_is_be
     assert nll.gaps.gap("taco@0.8 (bytes)", "lora", "Avg.") == pytest.approx(-0.2)
 
 
+def test_budget_curves_rank_lines_on_the_seeds_they_share(tmp_path):
+    """At 0.8 jactus beats taco on seed 0, the one seed both ran; taco's extra seed 1 is far better, so its own mean
+    is the higher one. The best line is the one ahead on the shared seed, and the text says which seeds ranked."""
+    root = tmp_path / "curves"
+    even = lambda i: i % 2 == 0  # noqa: E731
+    _curve_run(root, "lora/s0", method="lora", seed=0, correct=even)
+    _curve_run(root, "j/s0", method="jactus", seed=0, budget=0.8, correct=even)
+    _curve_run(root, "t/s0", method="taco", seed=0, budget=0.8, correct=lambda i: even(i) and i >= 8)
+    _curve_run(root, "t/s1", method="taco", seed=1, budget=0.8, correct=lambda i: True)
+    out = tmp_path / "out"
+    (curve,) = report.write_report(root, out, curves=["lora"], resamples=200).curves
+    assert curve.mean("taco@0.8") > curve.mean("jactus@0.8")  # 65 against 50 on own seeds
+    assert curve.best[0.8] == ("jactus", "taco") and curve.ranked_on[0.8] == [0]
+    assert "- 0.8: jactus: +10.00 [" in (out / "report.md").read_text()
+    assert "ranked on seed(s) 0, shared by all" in (out / "report.md").read_text()
+    # no shared seed: each line's own mean ranks, and the text says so
+    (root / "j" / "s0").rename(root / "j" / "s2")
+    summary = root / "j" / "s2" / "summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "seed": 2}))
+    (curve,) = report.write_report(root, tmp_path / "apart", curves=["lora"], resamples=200).curves
+    assert curve.best[0.8] == ("taco", "jactus") and curve.ranked_on[0.8] is None
+    assert "they share none" in (tmp_path / "apart" / "report.md").read_text()
+
+
 @pytest.mark.parametrize("reference, message", [("dora", "is a row of no table"),
                                                 ("jactus@0.8", "the reference is a row without a budget")])
 def test_budget_curves_need_a_dense_reference_row(reference, message, tmp_path, capsys):

@@ -40,8 +40,9 @@ Writes to `--out` (default: the first sweep dir):
                       curves" section in report.md: every method line (a row label without its "@budget") on the
                       average column at each budget it ran, its gap to REF with the paired bootstrap interval (as
                       --gaps), the budget from which each line meets REF (the interval reaches zero there and at every
-                      larger budget run) and the best line at each budget with its gap to the runner-up
-                      (`jactus.report.curves`); curves.csv holds the same in long format.
+                      larger budget run) and the best line at each budget with its gap to the runner-up (ranked on
+                      the seeds every line at that budget ran; `jactus.report.curves`); curves.csv holds the same in
+                      long format.
   items               for --metric <split>/acc or <split>/nll: under each table, the items each cell holds ("150 x
                       3": items per seed x seeds; "?" where a run has no items file), or a note that no run of the
                       table has per-item results.

@@ -3,7 +3,9 @@
 `jactus-report ... --curves lora` adds, per table, the average column of every method line ("jactus", "taco
 (bytes)": a row label without its "@budget") at each budget it ran, with the paired gap to the reference row and its
 bootstrap interval (`gaps.build_gaps`, over the runs' per-item results); the budget from which each line meets the
-reference; and the best line at each budget with its gap to the runner-up.
+reference; and the best line at each budget with its gap to the runner-up. Lines are ranked at a budget on the
+seeds every line there ran (a line run on one more seed is not ranked on a different sample than the others); where
+they share no seed, on each line's own mean, and the text says so.
 
 "Meets the reference" at a budget: the interval of the line minus the reference reaches zero or beyond in the line's
 favour (it is not measurably worse); where the runs have no per-item results, the mean gap decides and the text says
@@ -41,6 +43,7 @@ class Curves:
     rows: dict[str, dict[float, str]]
     gaps: GapTable
     best: dict[float, tuple[str, str | None]]  # budget -> (best line, runner-up line or None)
+    ranked_on: dict[float, list | None]  # budget -> the seeds the ranking used (None: no shared seed, own means)
 
     @property
     def budgets(self) -> list[float]:
@@ -91,7 +94,14 @@ class Curves:
         if runner_up is None:
             return f"{best} (alone)"
         rows = self.rows[best][budget], self.rows[runner_up][budget]
-        return f"{best}: {self.gaps.text(*rows, AVERAGE)} over {runner_up}"
+        seeds = self.ranked_on.get(budget)
+        if seeds is None:
+            basis = "; ranked on each line's own seeds: they share none"
+        else:
+            ran = {seed for line in self.rows if budget in self.rows[line]
+                   for seed in self.table.cell(self.rows[line][budget], AVERAGE).by_seed()}
+            basis = "" if len(ran) == len(seeds) else f"; ranked on seed(s) {', '.join(map(str, seeds))}, shared by all"
+        return f"{best}: {self.gaps.text(*rows, AVERAGE)} over {runner_up}{basis}"
 
     def to_records(self) -> list[dict]:
         """Long format: one record per (line, budget) on the average column, and the crossing per line."""
@@ -154,14 +164,25 @@ def build_curves(table: ResultTable, reference: str, resamples: int, level: floa
         if parsed is not None and table.cell(row, AVERAGE).mean is not None:
             rows.setdefault(parsed[0], {})[parsed[1]] = row
     best: dict[float, tuple[str, str | None]] = {}
-    pick = min if table.lower_is_better else max
+    ranked_on: dict[float, list | None] = {}
     for budget in sorted({b for by_budget in rows.values() for b in by_budget}):
-        ranked = sorted((line for line in rows if budget in rows[line]),
-                        key=lambda line: table.cell(rows[line][budget], AVERAGE).mean,
-                        reverse=pick is max)
+        lines = [line for line in rows if budget in rows[line]]
+        means, ranked_on[budget] = _ranking_means(table, [rows[line][budget] for line in lines])
+        ranked = sorted(lines, key=lambda line: means[rows[line][budget]], reverse=not table.lower_is_better)
         best[budget] = (ranked[0], ranked[1] if len(ranked) > 1 else None)
     specs = [(row, [reference]) for by_budget in rows.values() for row in by_budget.values()]
     specs += [(rows[top][budget], [rows[second][budget]]) for budget, (top, second) in best.items()
               if second is not None]
     gaps = build_gaps(table, specs, resamples, level)
-    return Curves(table, reference, rows, gaps, best)
+    return Curves(table, reference, rows, gaps, best, ranked_on)
+
+
+def _ranking_means(table: ResultTable, labels: list[str]) -> tuple[dict[str, float], list | None]:
+    """Each row's mean of the average column over the seeds all `labels` ran, and those seeds; each row's own mean
+    and None where they share no seed."""
+    by_seed = {label: table.cell(label, AVERAGE).by_seed() for label in labels}
+    shared = set.intersection(*(set(values) for values in by_seed.values()))
+    if not shared:
+        return {label: table.cell(label, AVERAGE).mean for label in labels}, None
+    seeds = sorted(shared, key=str)
+    return {label: sum(by_seed[label][seed] for seed in seeds) / len(seeds) for label in labels}, seeds
