@@ -548,6 +548,10 @@ def test_budget_curves_say_where_each_method_meets_the_reference_and_which_is_be
     assert nll.crossing("jactus") == (0.9, True) and nll.crossing("taco (bytes)") == (0.8, True)
     assert nll.meets("jactus@0.8") == (False, True) and nll.best[0.8] == ("taco (bytes)", "jactus")
     assert nll.gaps.gap("taco@0.8 (bytes)", "lora", "Avg.") == pytest.approx(-0.2)
+    # its figures are named after the metric, not accuracy
+    assert (tmp_path / "nll" / "nll_vs_params.png").stat().st_size > 0
+    assert not (tmp_path / "nll" / "acc_vs_params.png").exists()
+    assert "![nll vs retained parameters](nll_vs_params.png)" in (tmp_path / "nll" / "report.md").read_text()
 
 
 def test_budget_curves_rank_lines_on_the_seeds_they_share(tmp_path):

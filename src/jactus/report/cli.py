@@ -10,7 +10,8 @@ Writes to `--out` (default: the first sweep dir):
                       once counts once, as the mean of its runs), "—" where no run
                       exists, "failed" where every run failed; the best mean of each column in bold.
   results.csv         long format: one row per (run, column), failed runs included with an empty value.
-  acc_vs_params.png   accuracy against retained parameters (%), one panel per column (`--panels average`: the
+  acc_vs_params.png   the metric against retained parameters (%; named <metric>_vs_*.png after the metric's last
+                      part: nll_vs_params.png for --metric val/nll), one panel per column (`--panels average`: the
                       average alone), one line per method; rows without a budget (dense methods) as dashed lines.
   acc_vs_bytes.png    the same against the deployed model's stored bytes (% of the dense model's), where runs record
                       them (summary.json's bytes_ratio).
@@ -62,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +131,13 @@ def repeated_seeds(frame: pd.DataFrame) -> list[str]:
     return out
 
 
+def figure_names(metric: str) -> dict[str, str]:
+    """The figures' file names for `metric`, by their key in `Report.files`: "<m>_vs_params.png" and so on, `<m>` the
+    metric's last part (acc_vs_bytes.png for test/acc, nll_vs_bytes.png for val/nll)."""
+    tail = re.sub(r"[^A-Za-z0-9_.-]+", "_", metric.rsplit("/", 1)[-1]) or "metric"
+    return {f"acc_vs_{x}": f"{tail}_vs_{x}.png" for x in ("params", "bytes", "latency")}
+
+
 def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: list[str] = (),
                  split_by: list[str] = (), resamples: int = 1000, level: float = 0.95,
                  latency: str | Path | None = None, latency_measure: str | None = None,
@@ -164,10 +173,11 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
                    if reference in table.rows] for table in tables]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"csv": out / "results.csv", "acc_vs_params": plot_acc_vs_params(tables, out / "acc_vs_params.png", metric,
-                                                                         panels=panels)}
+    named = figure_names(metric)
+    files = {"csv": out / "results.csv", "acc_vs_params": plot_acc_vs_params(tables, out / named["acc_vs_params"],
+                                                                         metric, panels=panels)}
     if any(ratio is not None for table in tables for ratio in table.bytes_ratio.values()):
-        files["acc_vs_bytes"] = plot_acc_vs_params(tables, out / "acc_vs_bytes.png", metric, x="bytes",
+        files["acc_vs_bytes"] = plot_acc_vs_params(tables, out / named["acc_vs_bytes"], metric, x="bytes",
                                                     panels=panels)
     unmeasured: list[str] = []
     if measured is not None:
@@ -176,7 +186,7 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
         by_row = {row: row_latency(row, speed) for row in rows}
         unmeasured = [row for row, value in by_row.items() if value is None]
         files["acc_vs_latency"] = plot_acc_vs_params(
-            tables, out / "acc_vs_latency.png", metric, x="latency", latency=by_row,
+            tables, out / named["acc_vs_latency"], metric, x="latency", latency=by_row,
             x_label=f"latency, {measure} (% of the dense model's time)", panels=panels)
     frame.to_csv(files["csv"], index=False)
     if gap_tables:
@@ -220,11 +230,12 @@ def write_report(dirs, out, metric: str = "test/acc", digits: int = 2, gaps: lis
                       f"bootstrap interval as in the gaps).", "", curve.to_markdown(), ""]
         if curves and not curve_sets[index]:
             lines += [f"No budget curves: no row {', '.join(map(repr, curves))} in this table.", ""]
-    lines += ["## Plots", "", "![accuracy vs retained parameters](acc_vs_params.png)", ""]
+    shown = metric.rsplit("/", 1)[-1]
+    lines += ["## Plots", "", f"![{shown} vs retained parameters]({named['acc_vs_params']})", ""]
     if "acc_vs_bytes" in files:
-        lines += ["![accuracy vs deployed bytes](acc_vs_bytes.png)", ""]
+        lines += [f"![{shown} vs deployed bytes]({named['acc_vs_bytes']})", ""]
     if "acc_vs_latency" in files:
-        lines += ["![accuracy vs measured latency](acc_vs_latency.png)", "",
+        lines += [f"![{shown} vs measured latency]({named['acc_vs_latency']})", "",
                   f"Latency: `{measured[0]}` from {latency}, the dense model's time over each deployed format's, "
                   f"measured side by side (adapters deploy merged, as the dense model; other low-rank rows as "
                   f"JACTUS's factors at their budget)."
