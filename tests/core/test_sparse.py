@@ -132,6 +132,39 @@ def test_jactus_sparse_share_meets_the_budget_trains_and_round_trips(tmp_path):
     assert summary["nnz"] == nnz and summary["index_bytes_csr_int32"] > 0
 
 
+def test_jactus_sparse_share_can_start_at_the_residual():
+    """sparse_init=residual: each factorized layer's non-zeros are W - U C V^T at the positions of the largest
+    F * R^2 (F the weight Fisher on the factorized model, R that residual), so the layer equals the dense weight
+    there and the weight error drops by exactly the residual's energy on the support."""
+    model, batches = _llama_setup()
+    dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    method = Jactus(budget=0.7, rank_multiple=1, sparse_share=0.1, sparse_init="residual")
+    model = method.apply(MethodContext(model=model, loss_fn=_loss, calibration_batches=batches, family="causal_lm"))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+    without = copy.deepcopy(model)
+    for layer in without.modules():
+        if isinstance(layer, FactorizedLinear):
+            layer.sparse = None
+    scores = weight_fisher(without, {n: without.get_submodule(n) for n in layers}, batches, _loss, progress=False)
+    for name, layer in layers.items():
+        low_rank = (layer.U @ layer.C @ layer.V.T).detach()
+        residual = dense[name] - low_rank
+        index = top_support(scores[name] * residual.square(), method.sparse_nnz[name])
+        assert torch.equal(layer.sparse.index, index)
+        torch.testing.assert_close(layer.sparse.values.detach(), residual.flatten()[index])
+        assert layer.sparse.values.dtype == torch.float32 and layer.sparse.values.requires_grad
+        after = dense[name] - low_rank - layer.sparse.matrix().detach()
+        assert after.flatten()[index].abs().max() < 1e-6
+        torch.testing.assert_close(after.square().sum(), residual.square().sum() - residual.flatten()[index].square().sum())
+    # the start moved: unlike zero values, the corrections change the model's output
+    assert not torch.allclose(_logits(model, batches), _logits(without, batches))
+
+
+def test_bad_sparse_init_fails_early():
+    with pytest.raises(ValueError, match=r"method.sparse_init='svd'.*zero.*residual"):
+        Jactus(sparse_share=0.1, sparse_init="svd")
+
+
 def assert_jactus_rebuilds_for_resume(options: dict, train=None) -> None:
     """A `Jactus(**options)` model (optionally trained by `train(model, batches)`) and the model its structure rebuilds
     from a fresh backbone, with the first's state loaded: the same logits and the same trainable parameters."""

@@ -193,6 +193,20 @@ def weight_fisher(model: nn.Module, layers: Mapping[str, nn.Module], batches: It
     return accumulator.reduced()
 
 
+SPARSE_INITS = ("zero", "residual")  # a sparse share's starting values: zero, or the low-rank layer's residual
+
+
+@torch.no_grad()
+def sparse_residual(weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """`W - U C V^T` on the CPU in fp32: what the low-rank layer (`U`, `C`, `V` of a FactorizedLinear) leaves out of
+    the dense weight `W` (out x in)."""
+    low_rank = layer.U.float() @ layer.C.float() @ layer.V.float().T
+    if low_rank.shape != weight.shape:
+        raise ValueError(f"dense weight {tuple(weight.shape)} does not match the low-rank layer's "
+                         f"{tuple(low_rank.shape)}")
+    return weight.float().cpu() - low_rank.cpu()
+
+
 def top_support(score: torch.Tensor, nnz: int) -> torch.Tensor:
     """The flat positions of the `nnz` largest scores, sorted (ties broken by position, so ranks agree)."""
     if not 0 <= nnz <= score.numel():

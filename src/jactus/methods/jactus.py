@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import torch
 from peft import inject_adapter_in_model
 from torch import nn
 
@@ -13,7 +14,15 @@ from ..core.byte_budget import SPARSE_POSITION_BYTES, ByteBudget, check_unit
 from ..core.compact import attach_sparse_structure
 from ..core.error_aware import check_compensation
 from ..core.measured import check_measure_step
-from ..core.sparse import SparseDelta, sparse_index_bytes, top_support, uniform_nnz, weight_fisher
+from ..core.sparse import (
+    SPARSE_INITS,
+    SparseDelta,
+    sparse_index_bytes,
+    sparse_residual,
+    top_support,
+    uniform_nnz,
+    weight_fisher,
+)
 from ..core.subspace import WEIGHT_BASES
 from .base import CalibSettings, MethodContext, check_budget, choice, register, train_cores
 from .low_rank import LowRankMethod
@@ -34,7 +43,10 @@ class Jactus(LowRankMethod):
     `floor(sparse_share * budget * P)` non-zeros (P: the parameters in the budget's scope) are spread over the
     factorized layers at one density (in proportion to their m n), each layer's support being its largest entries
     of the weight Fisher (sum over calibration batches of (g^T x)^2) measured on the factorized model; the values
-    start at zero (the factorized model is unchanged at init) and train with the cores. Deployed = low-rank + the
+    start at zero (the factorized model is unchanged at init) and train with the cores. `sparse_init=residual`
+    (beyond the papers) starts them at the residual `W - U C V^T` instead, on the support of the largest
+    `F * R^2` (the diagonal Fisher's loss for leaving that entry out), so the sparse share improves the
+    compressed start itself (it keeps a CPU copy of the targets' dense weights during compression). Deployed = low-rank + the
     non-zeros; the supports' CSR index bytes are reported apart (`sparse_index_bytes`), as TACO reports them. With
     `unit=bytes` the share is of the byte budget and a non-zero costs its value plus an int32 position (as stored).
     Decision where the papers are silent: one density for all layers (RoSA's per-layer rule) rather than a global
@@ -85,6 +97,7 @@ class Jactus(LowRankMethod):
         mask_key: str = "attention_mask",
         calib: Mapping | None = None,
         sparse_share: float = 0.0,
+        sparse_init: str = "zero",
         dense_adapter_r: int = 0,
         dense_adapter_alpha: float = 16.0,
         core_dropout: float = 0.0,
@@ -128,6 +141,7 @@ class Jactus(LowRankMethod):
             raise ValueError(f"method.sparse_share={sparse_share!r}: expected a fraction of the budget in [0, 1) "
                              f"(0 = off; e.g. 0.02), leaving the rest to the low-rank layers")
         self.sparse_share = float(sparse_share)
+        self.sparse_init = choice(sparse_init, SPARSE_INITS, "method.sparse_init")
         self.sparse_nnz: dict[str, int] = {}
         self.sparse_index_bytes = 0
         self.scope = choice(scope, SCOPES, "budget.scope")
@@ -157,6 +171,10 @@ class Jactus(LowRankMethod):
         if self.unit == "bytes" and self.sparse_share:  # the dense model's bytes, before compression changes it
             byte_budget = ByteBudget.of(ctx.model, self.budget, self.scope, find_targets(ctx.model, self.targets))
         low_rank_budget = self.params_budget(ctx.model, self.budget * (1.0 - self.sparse_share), self.targets)
+        dense = None  # the targets' dense weights, on the CPU, for a sparse share that starts at the residual
+        if self.sparse_share and self.sparse_init == "residual":
+            dense = {name: module.weight.detach().to("cpu", copy=True)
+                     for name, module in find_targets(ctx.model, self.targets).items()}
         try:
             model, self.plan = self.compress(ctx, low_rank_budget)
         except ValueError as err:
@@ -167,10 +185,10 @@ class Jactus(LowRankMethod):
         self.compress_stats = model.jactus_compress_stats
         if self.sparse_share and self.unit == "bytes":  # each non-zero stores its value and an int32 position
             self._add_sparse(model, ctx, math.floor(self.sparse_share * byte_budget.limit)
-                             // (byte_budget.itemsize + SPARSE_POSITION_BYTES))
+                             // (byte_budget.itemsize + SPARSE_POSITION_BYTES), dense)
         elif self.sparse_share:
             # the plan's params_original: the parameters in the budget's scope (model or targets)
-            self._add_sparse(model, ctx, math.floor(self.sparse_share * self.budget * self.plan.params_original))
+            self._add_sparse(model, ctx, math.floor(self.sparse_share * self.budget * self.plan.params_original), dense)
         return self._adapt_dense(model)
 
     def _adapt_dense(self, model: nn.Module) -> nn.Module:
@@ -198,7 +216,11 @@ class Jactus(LowRankMethod):
         """Merge the dense targets' adapters (if any) into their weights, then fold every core (U <- U C)."""
         return super().export(merge_adapters(model))
 
-    def _add_sparse(self, model: nn.Module, ctx: MethodContext, nnz_total: int) -> None:
+    def _add_sparse(self, model: nn.Module, ctx: MethodContext, nnz_total: int,
+                    dense: dict[str, torch.Tensor] | None = None) -> None:
+        """The sparse share on every factorized layer: support from the weight Fisher `F` on the factorized model;
+        values zero, or with `dense` (the targets' dense weights, `sparse_init=residual`) the residual `R = W - U C
+        V^T` at the support chosen by `F * R^2` (the loss the diagonal Fisher assigns to leaving that entry out)."""
         layers = {name: m for name, m in model.named_modules() if isinstance(m, FactorizedLinear)}
         if not layers:
             raise ValueError(f"method.sparse_share={self.sparse_share}: the plan kept every target dense, so there "
@@ -206,8 +228,14 @@ class Jactus(LowRankMethod):
         counts = uniform_nnz({name: (m.out_features, m.in_features) for name, m in layers.items()}, nnz_total)
         scores = weight_fisher(model, layers, list(ctx.calibration_batches), ctx.loss_fn)
         for name, layer in layers.items():
-            index = top_support(scores[name], counts[name]).to(layer.U.device)
-            layer.sparse = SparseDelta(layer.out_features, layer.in_features, index)
+            values = None
+            if dense is not None:
+                residual = sparse_residual(dense[name], layer)
+                index = top_support(scores[name] * residual.square(), counts[name])
+                values = residual.flatten()[index].to(layer.U.device)  # fp32, as every trainable tensor
+            else:
+                index = top_support(scores[name], counts[name])
+            layer.sparse = SparseDelta(layer.out_features, layer.in_features, index.to(layer.U.device), values)
         self.sparse_nnz = counts
         self.sparse_index_bytes = sparse_index_bytes(layer.sparse for layer in layers.values())
         train_cores(model, self.head_names)  # the values train with the cores
