@@ -36,6 +36,8 @@
 # sparse (issue 27 item 2): the 0.8 budget in bytes split between rank and a sparse share (5% and 10%: each non-zero
 # pays its value and an int32 position), gate/up sharing; against sbmlp_r0_c512 (no share). The share starts at zero,
 # so only the trained NLL tells whether it keeps more per byte than rank.
+# sparse_residual (issue 27 item 2): the same split at 10%, the share started at the residual W - U C V^T on the support
+# of the largest F * R^2 (method.sparse_init=residual), so the start itself tells whether it keeps more per byte.
 # layer_damage (item 5): no training; the seed-0/1 JACTUS@0.8 start with each kind of target restored dense
 # (layer_damage.py), and the allocation tilted by seed 0's measured/proxy ratios (+kind_scale), on seeds 1 and 0.
 set -u
@@ -142,10 +144,14 @@ JOBS
 sbmlp_text512_s0 'method.share_bases=[gate_proj,up_proj]' data.module.calib_text=512 seed=0
 sbmlp_text512_s1 'method.share_bases=[gate_proj,up_proj]' data.module.calib_text=512 seed=1
 JOBS
+  sparse_residual) cat <<'JOBS' ;;
+sbmlp_sparse0.1res_bytes_s0 'method.share_bases=[gate_proj,up_proj]' method.sparse_share=0.1 method.sparse_init=residual budget.unit=bytes seed=0
+sbmlp_sparse0.1res_bytes_s1 'method.share_bases=[gate_proj,up_proj]' method.sparse_share=0.1 method.sparse_init=residual budget.unit=bytes seed=1
+JOBS
   sparse)
     for share in 0.05 0.1; do for seed in 0 1; do
       echo "sbmlp_sparse${share}_bytes_s$seed 'method.share_bases=[gate_proj,up_proj]' method.sparse_share=$share budget.unit=bytes seed=$seed"
     done; done ;;
-  *) echo "unknown stage ${1}: expected grid, followup, item5, core_dropout, taco, tunecomp, shared, curves, pool, measured, text, sparse or layer_damage" >&2
+  *) echo "unknown stage ${1}: expected grid, followup, item5, core_dropout, taco, tunecomp, shared, curves, pool, measured, text, sparse, sparse_residual or layer_damage" >&2
      exit 2 ;;
 esac | experiments/results/run_jobs.sh

@@ -17,13 +17,17 @@ KEYS = (("method", "method"), ("budget.ratio", "budget"), ("trainer.max_steps", 
         ("calib.num_samples", "calib"), ("calib.loss", "calib loss"), ("distill.weight", "distill"), ("lr", "lr"),
         ("method.dense_adapter_r", "dense-target LoRA r"), ("method.core_dropout", "core dropout"),
         ("method.share_bases", "shared bases"), ("method.compensation", "compensation"), ("budget.unit", "unit"),
-        ("data.module.calib_source", "calib source"), ("method.measure_batches", "measured gains"))
+        ("data.module.calib_source", "calib source"), ("method.measure_batches", "measured gains"),
+        ("data.module.calib_text", "calib text"), ("method.sparse_share", "sparse share"),
+        ("method.sparse_init", "sparse init"))
 
-COMPRESSING_ONLY = {"budget.ratio", "calib.num_samples", "budget.unit", "data.module.calib_source"}  # any method with a budget (JACTUS, TACO, TuneComp)
+COMPRESSING_ONLY = {"budget.ratio", "calib.num_samples", "budget.unit", "data.module.calib_source",
+                    "data.module.calib_text"}  # any method with a budget (JACTUS, TACO, TuneComp)
 JACTUS_ONLY = {"method.rho", "calib.loss", "method.dense_adapter_r", "method.core_dropout", "method.share_bases",
-               "method.compensation", "method.measure_batches"}
+               "method.compensation", "method.measure_batches", "method.sparse_share", "method.sparse_init"}
 DEFAULTS = {"calib.loss": "task", "method.dense_adapter_r": 0, "method.core_dropout": 0.0, "method.share_bases": False,
-            "budget.unit": "params", "data.module.calib_source": "train", "method.measure_batches": 0}
+            "budget.unit": "params", "data.module.calib_source": "train", "method.measure_batches": 0,
+            "data.module.calib_text": 0, "method.sparse_share": 0.0, "method.sparse_init": "zero"}
 
 
 def setting(run: Path, summary: dict) -> tuple:
