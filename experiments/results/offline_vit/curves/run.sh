@@ -5,9 +5,7 @@
 # counts bytes (its CSR indices make it the stricter unit); the low-rank methods' counts parameters, which for them is
 # the same (their bytes_ratio equals their params_ratio). TACO at 0.8 in bytes, seeds 0 and 1, are the table's runs
 # (../table/runs/taco_bytes). Two jobs at a time, one thread each, resumable (experiments/results/run_jobs.sh); about
-# four minutes a run. Then:
-#   jactus-report experiments/results/offline_vit/curves/runs experiments/results/offline_vit/table/runs/taco_bytes \
-#     --out experiments/results/offline_vit/curves --curves lora --panels average   # (copy the runs first, below)
+# four minutes a run (42 runs); the finished runs are copied into runs/ at the end. Then ./report.sh.
 set -u
 cd "$(dirname "$0")/../../../.."
 export LOG=${LOG:-logs/vit_curves}
@@ -21,6 +19,11 @@ export COMMON="experiment=offline_vit data=fashion_mnist logger=csv trainer.enab
     echo "jactus_b${b}_s$seed variant=jactus_0.8 budget.ratio=$b seed=$seed"
     echo "cta_b${b}_s$seed variant=compress_then_adapt_0.8 budget.ratio=$b seed=$seed"
     [ $b = 0.8 ] || echo "taco_bytes_b${b}_s$seed variant=taco_0.8 budget.ratio=$b budget.unit=bytes seed=$seed"
+  done; done
+  # JACTUS with LoRA r16 on the targets its plan keeps dense (merged at export: the deployed size is unchanged)
+  for b in 0.95 0.9; do for seed in 0 1; do
+    echo "jactus_da16_b${b}_s$seed variant=jactus_0.8 budget.ratio=$b +method_label=jactus+dense_lora" \
+      "method.dense_adapter_r=16 method.dense_adapter_alpha=32 seed=$seed"
   done; done
 } | experiments/results/run_jobs.sh
 mkdir -p experiments/results/offline_vit/curves/runs
