@@ -46,11 +46,11 @@ class Jactus(LowRankMethod):
     start at zero (the factorized model is unchanged at init) and train with the cores. `sparse_init=residual`
     (beyond the papers) starts them at the residual `W - U C V^T` instead, on the support of the largest
     `F * R^2` (the diagonal Fisher's loss for leaving that entry out), so the sparse share improves the
-    compressed start itself (it keeps a CPU copy of the targets' dense weights during compression). Deployed = low-rank + the
-    non-zeros; the supports' CSR index bytes are reported apart (`sparse_index_bytes`), as TACO reports them. With
-    `unit=bytes` the share is of the byte budget and a non-zero costs its value plus an int32 position (as stored).
-    Decision where the papers are silent: one density for all layers (RoSA's per-layer rule) rather than a global
-    Fisher threshold, whose raw scores are not comparable across layers of different widths.
+    compressed start itself (it keeps a CPU copy of the targets' dense weights during compression). Deployed =
+    low-rank + the non-zeros; the supports' CSR index bytes are reported apart (`sparse_index_bytes`), as TACO
+    reports them. With `unit=bytes` the share is of the byte budget and a non-zero costs its value plus an int32
+    position (as stored). Decision where the papers are silent: one density for all layers (RoSA's per-layer rule)
+    rather than a global Fisher threshold, whose raw scores are not comparable across layers of different widths.
 
     `dense_adapter_r` > 0 (beyond the paper; default 0 = docs/METHOD.md section 3, where a target the plan keeps dense
     is frozen) puts a LoRA adapter (HF PEFT, rank `dense_adapter_r`, scale `dense_adapter_alpha / r`, no dropout) on
@@ -168,13 +168,13 @@ class Jactus(LowRankMethod):
         if ctx.calibration_batches is None:
             raise ValueError("jactus needs calibration batches (the datamodule's calibration_dataloader())")
         self.head_names = list(ctx.head_names)
+        targets = find_targets(ctx.model, self.targets) if self.sparse_share else {}
         if self.unit == "bytes" and self.sparse_share:  # the dense model's bytes, before compression changes it
-            byte_budget = ByteBudget.of(ctx.model, self.budget, self.scope, find_targets(ctx.model, self.targets))
+            byte_budget = ByteBudget.of(ctx.model, self.budget, self.scope, targets)
         low_rank_budget = self.params_budget(ctx.model, self.budget * (1.0 - self.sparse_share), self.targets)
         dense = None  # the targets' dense weights, on the CPU, for a sparse share that starts at the residual
         if self.sparse_share and self.sparse_init == "residual":
-            dense = {name: module.weight.detach().to("cpu", copy=True)
-                     for name, module in find_targets(ctx.model, self.targets).items()}
+            dense = {name: module.weight.detach().to("cpu", copy=True) for name, module in targets.items()}
         try:
             model, self.plan = self.compress(ctx, low_rank_budget)
         except ValueError as err:
@@ -183,12 +183,13 @@ class Jactus(LowRankMethod):
             raise ValueError(f"method.sparse_share={self.sparse_share} leaves {low_rank_budget:.4f} of the model to "
                              f"the low-rank layers, which no plan meets ({err}); lower the sparse share") from err
         self.compress_stats = model.jactus_compress_stats
-        if self.sparse_share and self.unit == "bytes":  # each non-zero stores its value and an int32 position
-            self._add_sparse(model, ctx, math.floor(self.sparse_share * byte_budget.limit)
-                             // (byte_budget.itemsize + SPARSE_POSITION_BYTES), dense)
-        elif self.sparse_share:
-            # the plan's params_original: the parameters in the budget's scope (model or targets)
-            self._add_sparse(model, ctx, math.floor(self.sparse_share * self.budget * self.plan.params_original), dense)
+        if self.sparse_share:
+            if self.unit == "bytes":  # each non-zero stores its value and an int32 position
+                nnz = math.floor(self.sparse_share * byte_budget.limit) // (byte_budget.itemsize
+                                                                            + SPARSE_POSITION_BYTES)
+            else:  # the plan's params_original: the parameters in the budget's scope (model or targets)
+                nnz = math.floor(self.sparse_share * self.budget * self.plan.params_original)
+            self._add_sparse(model, ctx, nnz, dense)
         return self._adapt_dense(model)
 
     def _adapt_dense(self, model: nn.Module) -> nn.Module:

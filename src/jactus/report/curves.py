@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from .gaps import GapsError, GapTable, _signed, build_gaps
 from .load import AVERAGE, MISSING
-from .tables import ResultTable
+from .tables import ResultTable, _seed_key
 
 BUDGET = re.compile(r"@([0-9.eE+-]+)")
 
@@ -184,5 +184,5 @@ def _ranking_means(table: ResultTable, labels: list[str]) -> tuple[dict[str, flo
     shared = set.intersection(*(set(values) for values in by_seed.values()))
     if not shared:
         return {label: table.cell(label, AVERAGE).mean for label in labels}, None
-    seeds = sorted(shared, key=str)
+    seeds = sorted(shared, key=_seed_key)
     return {label: sum(by_seed[label][seed] for seed in seeds) / len(seeds) for label in labels}, seeds
