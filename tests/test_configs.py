@@ -121,3 +121,15 @@ def test_shared_bases_are_chosen_per_experiment(compose_cfg):
     assert share(["experiment=offline_llama", "variant=jactus_0.8"]) == ["gate_proj", "up_proj"]
     assert share(["experiment=offline_llama", "variant=jactus_0.8", "jactus_share_bases=false"]) is False
     assert share([], config_name="compress") == ["gate_proj", "up_proj"]
+
+
+def test_pool_variant_is_the_shared_row_with_more_calibration(compose_cfg):
+    from omegaconf import OmegaConf
+
+    cfg = compose_cfg(["experiment=offline_llama", "variant=jactus_0.8_pool"])
+    assert (cfg.method_label, cfg.budget.ratio) == ("jactus+pool", 0.8)
+    module = OmegaConf.to_container(cfg.data.module, resolve=True)
+    assert module["calib_num_samples"] == cfg.calib.num_samples == 2048  # not the experiment's 512
+    assert module["calib_source"] == "pool"
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    assert method["share_bases"] == ["gate_proj", "up_proj"] and method["rho"] == 0.0

@@ -7,7 +7,7 @@
 # calibration (rho, distillation, lr) share one calibration per calibration size.
 # Two jobs at a time, one thread each, resumable (experiments/results/run_jobs.sh):
 #   experiments/results/offline_llama/validation/run.sh [STAGE]     # grid (default) | followup | item5 | layer_damage
-#                                                                  # | core_dropout | taco | tunecomp
+#     | core_dropout | taco | tunecomp | shared | curves | pool | measured | text | sparse | sparse_residual | damping
 # item5 (issue 19 item 5): LoRA (r 16, alpha 32: the lora row's adapter) on the targets the plan keeps dense; LoRA
 # itself on this protocol (the reference); JACTUS at budgets 0.9 and 0.95 (how much of the gap is the compression
 # itself); the cores at half the rate over the table's 150 steps (the 150-step run fits its training batches better
@@ -38,6 +38,8 @@
 # so only the trained NLL tells whether it keeps more per byte than rank.
 # sparse_residual (issue 27 item 2): the same split at 10%, the share started at the residual W - U C V^T on the support
 # of the largest F * R^2 (method.sparse_init=residual), so the start itself tells whether it keeps more per byte.
+# damping (issue 27): no training; the gate/up-shared 0.8 start (the shared stage's plan) at calib.damping 1e-1, 1e-3 and
+# 1e-4 instead of 1e-2, scored by layer_damage.py +restore_kinds=false (results in start_probe/sbmlp08_damp*.json).
 # layer_damage (item 5): no training; the seed-0/1 JACTUS@0.8 start with each kind of target restored dense
 # (layer_damage.py), and the allocation tilted by seed 0's measured/proxy ratios (+kind_scale), on seeds 1 and 0.
 set -u
@@ -53,6 +55,19 @@ calib.stats_cache=logs/stats_cache logger=none hydra.mode=RUN jactus_share_bases
   mkdir -p experiments/results/offline_llama/validation/layer_damage
   for run in s0 s1 s1_scaled s0_scaled; do
     cp logs/layer_damage/$run/layer_damage.json experiments/results/offline_llama/validation/layer_damage/$run.json
+  done
+  exit 0
+fi
+if [ "${1:-}" = damping ]; then
+  export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+  C="experiment=offline_llama variant=jactus_0.8 data.module.test_per_task=150 data.module.val_per_task=20 \
+calib.stats_cache=logs/stats_cache logger=none hydra.mode=RUN +restore_kinds=false"
+  DAMAGE="${PYTHON:-.venv/bin/python} experiments/results/offline_llama/validation/layer_damage.py"
+  mkdir -p experiments/results/offline_llama/validation/start_probe
+  for run in 0.1_s0 0.001_s0 0.0001_s0 0.001_s1 0.1_s1; do
+    $DAMAGE $C seed=${run#*_s} 'method.share_bases=[gate_proj,up_proj]' method.damping=${run%_s*} \
+      hydra.run.dir=logs/probe/damp$run
+    cp logs/probe/damp$run/layer_damage.json experiments/results/offline_llama/validation/start_probe/sbmlp08_damp$run.json
   done
   exit 0
 fi
@@ -152,6 +167,6 @@ JOBS
     for share in 0.05 0.1; do for seed in 0 1; do
       echo "sbmlp_sparse${share}_bytes_s$seed 'method.share_bases=[gate_proj,up_proj]' method.sparse_share=$share budget.unit=bytes seed=$seed"
     done; done ;;
-  *) echo "unknown stage ${1}: expected grid, followup, item5, core_dropout, taco, tunecomp, shared, curves, pool, measured, text, sparse, sparse_residual or layer_damage" >&2
+  *) echo "unknown stage ${1}: expected grid, followup, item5, core_dropout, taco, tunecomp, shared, curves, pool, measured, text, sparse, sparse_residual, layer_damage or damping" >&2
      exit 2 ;;
 esac | experiments/results/run_jobs.sh
