@@ -13,7 +13,7 @@ from pathlib import Path
 
 TASKS = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa"]
 ORDER = ["zero_shot", "lora", "dora", "compress_then_adapt@0.8", "tunecomp@0.8", "taco@0.8", "taco@0.8 (bytes)",
-         "jactus@0.8", "jactus+shared@0.8",
+         "jactus@0.8", "jactus+shared@0.8", "jactus+pool@0.8",
          "jactus+kd@0.8", "compress_then_adapt@0.8 (scope=targets)", "jactus@0.8 (scope=targets)"]
 
 

@@ -11,7 +11,7 @@
 set -u
 cd "$(dirname "$0")/../../../.."
 SEEDS=${1:-"0 1 2"}
-ROWS=${2:-"zero_shot lora jactus_0.8 dora compress_then_adapt_0.8 jactus_0.8_targets compress_then_adapt_0.8_targets tunecomp_0.8 jactus_0.8_kd taco_0.8 taco_0.8_bytes jactus_0.8_shared"}
+ROWS=${2:-"zero_shot lora jactus_0.8 dora compress_then_adapt_0.8 jactus_0.8_targets compress_then_adapt_0.8_targets tunecomp_0.8 jactus_0.8_kd taco_0.8 taco_0.8_bytes jactus_0.8_shared jactus_0.8_pool"}
 export LOG=${LOG:-logs/offline_llama_seeds3}
 export COMMON="experiment=offline_llama logger=csv trainer.enable_checkpointing=false evaluate_before=false \
 data.module.test_per_task=150 data.module.val_per_task=20 trainer.max_steps=150 ${EXTRA:-}"
