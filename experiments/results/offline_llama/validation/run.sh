@@ -44,33 +44,29 @@
 # (layer_damage.py), and the allocation tilted by seed 0's measured/proxy ratios (+kind_scale), on seeds 1 and 0.
 set -u
 cd "$(dirname "$0")/../../../.."
-if [ "${1:-}" = layer_damage ]; then
+case ${1:-} in layer_damage|damping)  # no training: layer_damage.py scores the compressed start
   export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
   C="experiment=offline_llama variant=jactus_0.8 data.module.test_per_task=150 data.module.val_per_task=20 \
-calib.stats_cache=logs/stats_cache logger=none hydra.mode=RUN jactus_share_bases=false"
-  S='+kind_scale={gate_proj: 1.4, up_proj: 1.3, down_proj: 0.7, o_proj: 0.25, q_proj: 0.3, k_proj: 0.2}'
+calib.stats_cache=logs/stats_cache logger=none hydra.mode=RUN"
   DAMAGE="${PYTHON:-.venv/bin/python} experiments/results/offline_llama/validation/layer_damage.py"
-  for seed in 0 1; do $DAMAGE $C seed=$seed hydra.run.dir=logs/layer_damage/s$seed; done
-  for seed in 1 0; do $DAMAGE $C seed=$seed "$S" +restore_kinds=false hydra.run.dir=logs/layer_damage/s${seed}_scaled; done
-  mkdir -p experiments/results/offline_llama/validation/layer_damage
-  for run in s0 s1 s1_scaled s0_scaled; do
-    cp logs/layer_damage/$run/layer_damage.json experiments/results/offline_llama/validation/layer_damage/$run.json
-  done
-  exit 0
-fi
-if [ "${1:-}" = damping ]; then
-  export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-  C="experiment=offline_llama variant=jactus_0.8 data.module.test_per_task=150 data.module.val_per_task=20 \
-calib.stats_cache=logs/stats_cache logger=none hydra.mode=RUN +restore_kinds=false"
-  DAMAGE="${PYTHON:-.venv/bin/python} experiments/results/offline_llama/validation/layer_damage.py"
-  mkdir -p experiments/results/offline_llama/validation/start_probe
-  for run in 0.1_s0 0.001_s0 0.0001_s0 0.001_s1 0.1_s1; do
-    $DAMAGE $C seed=${run#*_s} 'method.share_bases=[gate_proj,up_proj]' method.damping=${run%_s*} \
-      hydra.run.dir=logs/probe/damp$run
-    cp logs/probe/damp$run/layer_damage.json experiments/results/offline_llama/validation/start_probe/sbmlp08_damp$run.json
-  done
-  exit 0
-fi
+  OUT=experiments/results/offline_llama/validation
+  if [ "$1" = layer_damage ]; then
+    C="$C jactus_share_bases=false"
+    S='+kind_scale={gate_proj: 1.4, up_proj: 1.3, down_proj: 0.7, o_proj: 0.25, q_proj: 0.3, k_proj: 0.2}'
+    for seed in 0 1; do $DAMAGE $C seed=$seed hydra.run.dir=logs/layer_damage/s$seed; done
+    for seed in 1 0; do $DAMAGE $C seed=$seed "$S" +restore_kinds=false hydra.run.dir=logs/layer_damage/s${seed}_scaled; done
+    mkdir -p $OUT/layer_damage
+    for run in s0 s1 s1_scaled s0_scaled; do cp logs/layer_damage/$run/layer_damage.json $OUT/layer_damage/$run.json; done
+  else
+    mkdir -p $OUT/start_probe
+    for run in 0.1_s0 0.001_s0 0.0001_s0 0.001_s1 0.1_s1; do
+      $DAMAGE $C seed=${run#*_s} 'method.share_bases=[gate_proj,up_proj]' method.damping=${run%_s*} \
+        +restore_kinds=false hydra.run.dir=logs/probe/damp$run
+      cp logs/probe/damp$run/layer_damage.json $OUT/start_probe/sbmlp08_damp$run.json
+    done
+  fi
+  exit 0 ;;
+esac
 export LOG=${LOG:-logs/val3}
 export COMMON="experiment=offline_llama logger=csv trainer.enable_checkpointing=false data.module.test_per_task=150 \
 data.module.val_per_task=20 trainer.max_steps=50 test=false evaluate_before=true variant=jactus_0.8 \
